@@ -1,0 +1,335 @@
+"""Dataset scanning, the one image reader, and the DataLoaders.
+
+Layout (see README "Dataset layout"):
+    DATASET/train/<class>/*.jpg   required
+    DATASET/val/<class>/...       required ("valid" and "validation" also accepted)
+    DATASET/test/<class>/...      optional
+The class list comes from train/ only, in natural order; val/ and test/ may lack a class but
+may not add one. Every image is read to 3-channel RGB uint8, whatever it was on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+from natsort import natsorted
+from PIL import Image, ImageOps
+
+from utils.errors import UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+VAL_SPLIT_NAMES = ("val", "valid", "validation")
+Sample = tuple[str, int]  # (image path, class index)
+
+cv2.setNumThreads(1)  # DataLoader workers give the parallelism; OpenCV's own pool would oversubscribe
+
+
+class ImageReadError(ValueError):
+    """An image file that neither OpenCV nor Pillow can decode."""
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[str]:
+    """Image files under `folder` (hidden files and folders skipped), in natural order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f))
+        if not recursive:
+            break
+    return natsorted(found)
+
+
+def list_class_dirs(folder: str | os.PathLike) -> list[str]:
+    """Names of the visible sub-folders of `folder`, in natural order."""
+    return natsorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read any image file to an RGB uint8 array of shape (H, W, 3).
+
+    OpenCV decodes JPEG about 3x faster than Pillow (bench/bench_data.py) and already applies
+    EXIF rotation, drops alpha, expands gray/palette and scales 16-bit to 8-bit. Pillow is the
+    fallback for the rare files OpenCV refuses. Reading the bytes with numpy keeps non-ASCII
+    paths working on every OS (cv2.imread does not on Windows).
+    """
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise ImageReadError(f"cannot read {path}: {error.strerror or error}") from None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is not None:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return _read_rgb_with_pillow(path)
+
+
+def _read_rgb_with_pillow(path: str | os.PathLike) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I"):  # 16/32-bit integer gray: scale to 8 bits, not clip
+                array = np.asarray(image, dtype=np.float64)
+                peak = 65535.0 if array.max() > 255 else 255.0
+                return np.repeat((array * (255.0 / peak)).clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
+            return np.asarray(image.convert("RGB"))
+    except Exception as error:  # Pillow raises many types for bad files
+        raise ImageReadError(f"cannot decode image {path}: {error}") from None
+
+
+def check_image(path: str) -> Optional[str]:
+    """Cheap validity check (header + structure, no full decode). Returns the reason or None."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:
+        return f"unreadable image ({type(error).__name__}: {error})"
+    return None
+
+
+def find_unreadable(paths: Sequence[str], threads: int = 8) -> dict[str, str]:
+    """Pre-scan: map each file that fails `check_image` to the reason."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        reasons = pool.map(check_image, paths, chunksize=64)
+        return {path: reason for path, reason in zip(paths, reasons) if reason}
+
+
+@dataclass
+class DatasetScan:
+    """What was found in a dataset tree: classes, samples per split, and files left out."""
+
+    root: str
+    class_names: list[str]
+    splits: dict[str, list[Sample]]  # "train", "val" and maybe "test"
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    missing_classes: dict[str, list[str]] = field(default_factory=dict)  # split -> classes without images
+    split_on_the_fly: bool = False
+
+    def counts(self, split: str) -> list[int]:
+        per_class = Counter(label for _, label in self.splits.get(split, []))
+        return [per_class.get(i, 0) for i in range(len(self.class_names))]
+
+    def report(self) -> str:
+        """A human-readable dataset report (printed and saved as dataset_report.txt)."""
+        names = list(self.splits)
+        width = max([len(c) for c in self.class_names] + [5])
+        lines = [f"Dataset: {self.root}", f"Classes ({len(self.class_names)}): {', '.join(self.class_names)}"]
+        if self.split_on_the_fly:
+            lines.append("No train/val folders: split in memory (nothing copied).")
+        lines.append("")
+        lines.append(f"{'class':<{width}} " + " ".join(f"{n:>7}" for n in names))
+        table = {n: self.counts(n) for n in names}
+        for i, name in enumerate(self.class_names):
+            lines.append(f"{name:<{width}} " + " ".join(f"{table[n][i]:>7}" for n in names))
+        lines.append(f"{'total':<{width}} " + " ".join(f"{sum(table[n]):>7}" for n in names))
+        train_counts = [c for c in table["train"] if c > 0]
+        if train_counts:
+            ratio = max(train_counts) / min(train_counts)
+            note = " (imbalanced: consider --class_weights auto)" if ratio >= 3 else ""
+            lines.append(f"Imbalance (largest/smallest train class): {ratio:.1f}x{note}")
+        for split, missing in self.missing_classes.items():
+            lines.append(f"Note: {split}/ has no images of: {', '.join(missing)}")
+        if self.skipped:
+            lines.append(f"Skipped {len(self.skipped)} file(s):")
+            lines.extend(f"  {path}: {reason}" for path, reason in self.skipped)
+        return "\n".join(lines)
+
+
+def _find_split_dir(root: Path, names: Sequence[str]) -> Optional[Path]:
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def _collect(split_dir: Path, class_names: list[str], split: str) -> tuple[list[Sample], list[str]]:
+    """Samples of one split folder; refuses classes that train/ does not have."""
+    present = list_class_dirs(split_dir)
+    extra = [c for c in present if c not in class_names]
+    if extra:
+        raise UsageError(
+            f"{split_dir} has class folder(s) not in train/: {', '.join(extra)} "
+            "(the class list comes from train/; add them there or remove them here)"
+        )
+    samples: list[Sample] = []
+    empty = []
+    for index, name in enumerate(class_names):
+        files = list_images(split_dir / name) if name in present else []
+        if not files:
+            empty.append(name)
+        samples.extend((path, index) for path in files)
+    return samples, empty
+
+
+def scan_dataset(
+    root: str | os.PathLike,
+    val_ratio: float = 0.0,
+    test_ratio: float = 0.0,
+    seed: int = 0,
+    check_files: bool = True,
+) -> DatasetScan:
+    """Scan DATASET/{train,val[,test]}/<class>/ (or split an unsplit DATASET/<class>/ in memory)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"--dataset_path {root} does not exist or is not a folder")
+    train_dir = root / "train"
+    val_dir = _find_split_dir(root, VAL_SPLIT_NAMES)
+    if train_dir.is_dir():
+        scan = _scan_split_tree(root, train_dir, val_dir)
+    else:
+        scan = _scan_unsplit_tree(root, val_ratio, test_ratio, seed)
+    if check_files:
+        _drop_unreadable(scan)
+    if not scan.splits["train"]:
+        raise UsageError(f"no readable training images under {root}")
+    return scan
+
+
+def _scan_split_tree(root: Path, train_dir: Path, val_dir: Optional[Path]) -> DatasetScan:
+    if val_dir is None:
+        raise UsageError(
+            f"{root} has train/ but no val/ (also accepted: valid/, validation/); "
+            "create one, e.g. with split_dataset.py"
+        )
+    class_names = list_class_dirs(train_dir)
+    if not class_names:
+        raise UsageError(f"{train_dir} has no class folders (expected train/<class>/<images>)")
+    train, empty_train = _collect(train_dir, class_names, "train")
+    if empty_train:
+        raise UsageError(f"empty class folder(s) in {train_dir}: {', '.join(empty_train)} (add images or remove them)")
+    splits = {"train": train}
+    missing = {}
+    test_dir = root / "test"
+    for split, folder in (("val", val_dir), ("test", test_dir if test_dir.is_dir() else None)):
+        if folder is None:
+            continue
+        samples, empty = _collect(folder, class_names, split)
+        if not samples:
+            raise UsageError(f"{folder} holds no images")
+        splits[split] = samples
+        if empty:
+            missing[split] = empty
+    return DatasetScan(str(root), class_names, splits, missing_classes=missing)
+
+
+def _scan_unsplit_tree(root: Path, val_ratio: float, test_ratio: float, seed: int) -> DatasetScan:
+    class_names = list_class_dirs(root)
+    if not class_names:
+        raise UsageError(
+            f"{root} has neither train/ and val/ folders nor class folders; expected "
+            "DATASET/train/<class>/<images> and DATASET/val/<class>/<images>"
+        )
+    if val_ratio <= 0:
+        raise UsageError(
+            f"{root} has class folders but no train/ and val/: pass --val_ratio 0.2 to split it in "
+            "memory, or make a split on disk with split_dataset.py"
+        )
+    from utils.split import plan_split  # the same planner split_dataset.py uses
+
+    files = {name: list_images(root / name) for name in class_names}
+    empty = [name for name, paths in files.items() if not paths]
+    if empty:
+        raise UsageError(f"empty class folder(s) in {root}: {', '.join(empty)} (add images or remove them)")
+    plan = plan_split(files, val_ratio=val_ratio, test_ratio=test_ratio, seed=seed)
+    index = {name: i for i, name in enumerate(class_names)}
+    splits: dict[str, list[Sample]] = {"train": [], "val": []}
+    for item in plan.assignments:
+        splits.setdefault(item.split, []).append((item.path, index[item.class_name]))
+    for split in splits:
+        splits[split] = natsorted(splits[split])
+    if not splits["val"]:
+        raise UsageError(f"--val_ratio {val_ratio} leaves no validation images in {root}")
+    return DatasetScan(str(root), class_names, splits, split_on_the_fly=True)
+
+
+def _drop_unreadable(scan: DatasetScan) -> None:
+    all_paths = [path for samples in scan.splits.values() for path, _ in samples]
+    bad = find_unreadable(all_paths)
+    if not bad:
+        return
+    scan.skipped.extend(sorted(bad.items()))
+    for split, samples in scan.splits.items():
+        scan.splits[split] = [s for s in samples if s[0] not in bad]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(path, label) samples -> (uint8 CHW tensor after `transform`, label).
+
+    Normalisation happens later, batched on the device (utils.transforms.normalize_batch).
+    A file that fails to decode mid-epoch (a scan cannot catch every truncated JPEG) is
+    reported once and replaced by the next readable sample, so an epoch never dies on it.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Optional[Callable] = None):
+        self.samples = list(samples)
+        self.transform = transform
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> torch.Tensor:
+        """The decoded image as a uint8 CHW tensor (no transform)."""
+        array = read_rgb(self.samples[index][0])
+        return torch.from_numpy(array).permute(2, 0, 1)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
+            if i in self._bad:
+                continue
+            try:
+                image = self.load(i)
+            except ImageReadError as error:
+                self._bad.add(i)
+                warnings.warn(f"skipping unreadable image: {error}", stacklevel=2)
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            return image, self.samples[i][1]
+        raise ImageReadError("no readable image left in the dataset")
+
+
+def default_workers(num_images: int) -> int:
+    """A worker count that suits the data size and the machine's cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if num_images < 256 or cores < 2:
+        return 0  # worker start-up costs more than it saves on tiny data
+    return min(8, cores)
+
+
+def create_dataloader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    train: bool,
+    workers: int,
+    device: torch.device,
+    generator: Optional[torch.Generator] = None,
+    sampler: Optional[torch.utils.data.Sampler] = None,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader with the speed settings that fit the device (pinned memory only on CUDA)."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=False,
+        generator=generator,
+        prefetch_factor=4 if workers > 0 else None,
+    )
