@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import cv2
 import numpy as np
@@ -25,8 +26,8 @@ from natsort import natsorted
 from PIL import Image, ImageOps
 
 from utils.errors import UsageError
+from utils.files import IMAGE_EXTENSIONS, is_image_file, list_class_dirs, list_images  # noqa: F401 (re-exported)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 VAL_SPLIT_NAMES = ("val", "valid", "validation")
 Sample = tuple[str, int]  # (image path, class index)
 
@@ -35,27 +36,6 @@ cv2.setNumThreads(1)  # DataLoader workers give the parallelism; OpenCV's own po
 
 class ImageReadError(ValueError):
     """An image file that neither OpenCV nor Pillow can decode."""
-
-
-def is_image_file(path: str | os.PathLike) -> bool:
-    name = os.path.basename(path)
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[str]:
-    """Image files under `folder` (hidden files and folders skipped), in natural order."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f))
-        if not recursive:
-            break
-    return natsorted(found)
-
-
-def list_class_dirs(folder: str | os.PathLike) -> list[str]:
-    """Names of the visible sub-folders of `folder`, in natural order."""
-    return natsorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:

@@ -1,0 +1,373 @@
+"""Train an image classifier on a class-folder dataset.
+
+    python train.py                                   # the built-in demo (handwritten digits)
+    python train.py --model resnet18 --dataset_path data/flowers --epochs 30
+    python train.py --resume_training logs/<run>/last.pth
+
+Read top to bottom: arguments -> data -> model -> optimiser -> the epoch loop -> final report.
+Everything a run produces goes to logs/<YYYYmmdd-HHMMSS>_<model>/ (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from models.registry import check_input_size, check_model_name, create_model, format_model_list
+from utils.checkpoint import (
+    CHECKPOINT_FORMAT,
+    capture_rng_state,
+    format_load_report,
+    load_checkpoint,
+    load_matching_weights,
+    restore_rng_state,
+    save_checkpoint,
+    timestamp,
+    unwrap_model,
+    versions,
+)
+from utils.cli import run_cli
+from utils.data import ImageDataset, create_dataloader, default_workers, scan_dataset
+from utils.demo import DEMO_DIR, make_digits_dataset
+from utils.device import amp_dtype, describe_device, select_device
+from utils.engine import NonFiniteLossError, StepSettings, evaluate, train_one_epoch
+from utils.errors import UsageError
+from utils.logger import History, TensorBoard, new_run_dir, newest_run_checkpoint, setup_logging, write_json
+from utils.metrics import (
+    format_metrics,
+    format_per_class,
+    per_class_rows,
+    plot_confusion_matrix,
+    write_per_class_csv,
+)
+from utils.optim import OPTIMIZERS, SCHEDULES, create_optimizer, create_scheduler
+from utils.transforms import (
+    AUGMENTS,
+    RESIZE_MODES,
+    Preprocess,
+    build_eval_transform,
+    build_train_transform,
+    parse_input_shape,
+)
+
+BEST_METRICS = ("top1", "f1", "precision", "recall", "loss")
+# Flags a resumed run may change; everything else comes from the checkpoint so the run continues exactly.
+RESUME_OVERRIDABLE = ("device", "workers", "log_dir", "tensorboard", "quiet", "resume_training", "resume")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train an image classifier on DATASET/{train,val[,test]}/<class>/ images.",
+                                     add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_path", "--dataset-path", "--data", default=None,
+                      help="dataset folder; without it, the built-in digits demo in data/digits is built and used")
+    data.add_argument("--val_ratio", "--val-ratio", type=float, default=0.0,
+                      help="split an unsplit DATASET/<class>/ tree in memory: this share goes to validation")
+    data.add_argument("--test_ratio", "--test-ratio", type=float, default=0.0,
+                      help="with --val_ratio: this share goes to a test split")
+    data.add_argument("--input_shape", "--input-shape", type=int, nargs="+", default=None, metavar="SIZE",
+                      help="model input H [W]; default 224 (32 for the digits demo)")
+    data.add_argument("--resize_mode", "--resize-mode", choices=RESIZE_MODES, default="crop",
+                      help="crop: resize + centre crop; letterbox: keep aspect ratio and pad; stretch: resize to shape")
+    data.add_argument("--augment", choices=AUGMENTS, default="basic",
+                      help="training augmentation: none, basic (random resized crop + flip), or basic + a policy")
+    data.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (0 for text or digits)")
+    data.add_argument("--color_jitter", "--color-jitter", type=float, default=0.0,
+                      help="brightness/contrast/saturation jitter strength, e.g. 0.2")
+    data.add_argument("--crop_scale", "--crop-scale", type=float, default=0.08,
+                      help="smallest area share a random resized crop may keep")
+    data.add_argument("--num_classes", "--num-classes", type=int, default=None,
+                      help="optional check: the dataset decides the classes; a different value is an error")
+    data.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: by data size and cores)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="resnet18", help="registry name (see --list_models)")
+    model.add_argument("--list_models", "--list-models", action="store_true", help="print the available models and exit")
+    model.add_argument("--weights", default=None,
+                       help="start from this checkpoint or bare state_dict (fine-tuning); layers that do not fit are reported")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=30)
+    optim.add_argument("--batch_size", "--batch-size", type=int, default=32)
+    optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    optim.add_argument("--optimizer_type", "--optimizer-type", choices=OPTIMIZERS, default="adamw")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
+    optim.add_argument("--weight_decay", "--weight-decay", type=float, default=0.01,
+                       help="weight decay (not applied to norm layers and biases)")
+    optim.add_argument("--lr_schedule_type", "--lr-schedule-type", choices=SCHEDULES, default="cos",
+                       help="per-iteration schedule; warmup = linear warmup then cosine")
+    optim.add_argument("--warmup_epochs", "--warmup-epochs", type=float, default=0.0,
+                       help="linear warmup length in epochs (any schedule; 'warmup' uses 1 when 0)")
+    optim.add_argument("--step_size", "--step-size", type=int, default=30, help="step schedule: epochs between decays")
+    optim.add_argument("--milestones", type=int, nargs="+", default=[], help="multistep schedule: epochs to decay at")
+    optim.add_argument("--gamma", type=float, default=0.1, help="step/multistep decay factor")
+    optim.add_argument("--label_smoothing", "--label-smoothing", type=float, default=0.0)
+    optim.add_argument("--class_weights", "--class-weights", choices=("none", "auto"), default="none",
+                       help="auto: weight the loss by inverse class frequency (imbalanced data)")
+    optim.add_argument("--grad_clip", "--grad-clip", type=float, default=0.0, help="clip gradient norm (0: off)")
+    optim.add_argument("--accum_steps", "--accum-steps", type=int, default=1,
+                       help="accumulate gradients over this many batches per optimizer step")
+
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    speed.add_argument("--amp", action="store_true", help="mixed precision (fp16/bf16 on GPU; bf16 only on CPUs that have it)")
+    speed.add_argument("--channels_last", "--channels-last", action="store_true", help="NHWC memory layout")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model (about a minute of compiling)")
+
+    run = parser.add_argument_group("run, checkpoints and logs")
+    run.add_argument("--log_dir", "--log-dir", default="logs", help="runs go to LOG_DIR/<time>_<model>/")
+    run.add_argument("--freq", type=int, default=0, help="also save epoch_<N>.pth every FREQ epochs (0: never)")
+    run.add_argument("--best_metric", "--best-metric", choices=BEST_METRICS, default="top1",
+                     help="validation metric that picks best.pth (ties broken by lower loss)")
+    run.add_argument("--resume_training", "--resume-training", default=None,
+                     help="continue a run from its last.pth (same run folder); 'auto' = newest run in --log_dir")
+    run.add_argument("--resume", dest="resume_training", help="alias of --resume_training")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact resume; slower)")
+    run.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (needs tensorboard)")
+    run.add_argument("--quiet", action="store_true", help="no console output (train.log still written)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.list_models:
+        print(format_model_list())
+        return {}
+    resume = resolve_resume(args, parser)
+    seed_everything(args.seed, args.deterministic)
+    device = select_device(args.device)
+
+    # ---- data -------------------------------------------------------------------------------
+    if args.dataset_path is None:
+        print(f"No --dataset_path: using the built-in demo, scikit-learn's handwritten digits in {DEMO_DIR}")
+        args.dataset_path = str(make_digits_dataset())
+        args.input_shape = args.input_shape or [32]
+        args.hflip = 0.0  # a mirrored digit is another digit
+        args.crop_scale = max(args.crop_scale, 0.5)  # 32-pixel digits: small crops lose the digit
+    scan = scan_dataset(args.dataset_path, args.val_ratio, args.test_ratio, args.seed)
+    class_names = scan.class_names
+    if args.num_classes is not None and args.num_classes != len(class_names):
+        raise UsageError(f"--num_classes {args.num_classes} disagrees with the dataset, which has "
+                         f"{len(class_names)} classes ({', '.join(class_names[:10])}...); drop the flag or fix the data")
+    check_model_name(args.model)
+    preprocess = Preprocess(input_size=parse_input_shape(args.input_shape or [224]), resize_mode=args.resize_mode)
+    check_input_size(args.model, preprocess.input_size)
+    if resume:
+        preprocess = Preprocess.from_dict(resume["preprocess"])
+        if resume["class_names"] != class_names:
+            raise UsageError(f"the classes in {args.dataset_path} differ from those of the checkpoint being resumed")
+
+    # ---- run folder and logging -------------------------------------------------------------
+    run_dir = Path(args.resume_training).parent if resume else new_run_dir(args.log_dir, args.model)
+    log = setup_logging(run_dir, quiet=args.quiet)
+    log.info(f"Run folder: {run_dir}")
+    log.info(scan.report())
+    (run_dir / "dataset_report.txt").write_text(scan.report() + "\n", encoding="utf-8")
+    write_json(vars(args), run_dir / "args.json")
+
+    workers = default_workers(len(scan.splits["train"])) if args.workers is None else args.workers
+    generator = torch.Generator().manual_seed(args.seed)  # reseeded each epoch: exact resume
+    train_set = ImageDataset(scan.splits["train"], build_train_transform(
+        preprocess, args.augment, args.hflip, args.color_jitter, args.crop_scale))
+    eval_transform = build_eval_transform(preprocess)
+    train_loader = create_dataloader(train_set, args.batch_size, True, workers, device, generator)
+    eval_loaders = {split: create_dataloader(ImageDataset(samples, eval_transform), args.batch_size, False, workers, device)
+                    for split, samples in scan.splits.items() if split != "train"}
+
+    # ---- model ------------------------------------------------------------------------------
+    model = create_model(args.model, len(class_names), tuple(preprocess.input_size))
+    log.info(describe_model(model, args.model, preprocess, run_dir))
+    if args.weights and not resume:
+        source = load_checkpoint(args.weights)
+        log.info(format_load_report(load_matching_weights(model, source["state_dict"]), args.weights))
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_model = torch.compile(model) if args.compile else model
+
+    # ---- loss, optimiser, schedule ----------------------------------------------------------
+    class_weight = inverse_frequency_weights(scan.counts("train")).to(device) if args.class_weights == "auto" else None
+    criterion = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=args.label_smoothing)
+    eval_criterion = nn.CrossEntropyLoss()
+    optimizer = create_optimizer(model, args.optimizer_type, args.lr, args.momentum, args.weight_decay)
+    steps_per_epoch = math.ceil(len(train_loader) / args.accum_steps)
+    scheduler = create_scheduler(optimizer, args.lr_schedule_type, args.epochs, steps_per_epoch,
+                                 args.warmup_epochs, args.step_size, args.milestones, args.gamma)
+    dtype = amp_dtype(device, args.amp)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    settings = StepSettings(device, preprocess, dtype, args.channels_last)
+    log.info(f"Device: {describe_device(device)}; precision: {dtype or torch.float32}; workers: {workers}; "
+             f"batch {args.batch_size} x accum {args.accum_steps}; {steps_per_epoch} steps/epoch")
+
+    start_epoch, best = 0, None
+    history_rows: list[dict] = []
+    if resume:
+        start_epoch, best, history_rows = restore_training_state(resume, model, optimizer, scheduler, scaler)
+        log.info(f"Resumed from {args.resume_training} after epoch {start_epoch}")
+    history = History(run_dir, history_rows)
+    board = TensorBoard(run_dir) if args.tensorboard else None
+
+    def checkpoint(epoch: int, metrics: dict, resumable: bool) -> dict:
+        state = {
+            "format": CHECKPOINT_FORMAT, "model": args.model, "class_names": class_names,
+            "state_dict": unwrap_model(model).state_dict(), "preprocess": preprocess.to_dict(),
+            "epoch": epoch, "metrics": metrics, "best_metric": best, "args": plain_args(args),
+            "versions": versions(), "created": timestamp(), "pretrained": None,
+        }
+        if resumable:
+            state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                         scaler=scaler.state_dict() if scaler else None, rng=capture_rng_state(),
+                         history=history.rows)
+        return state
+
+    if not resume:
+        save_checkpoint(checkpoint(0, {}, resumable=True), run_dir / "last.pth")  # Ctrl-C in epoch 1 is resumable too
+
+    # ---- the epoch loop ---------------------------------------------------------------------
+    show_progress = sys.stderr.isatty() and not args.quiet
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch + 1, args.epochs + 1):
+            generator.manual_seed(args.seed + epoch)
+            train_stats = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler, settings, scaler,
+                                          args.accum_steps, args.grad_clip, f"epoch {epoch}/{args.epochs}", show_progress)
+            val = evaluate(train_model, eval_loaders["val"], eval_criterion, settings, len(class_names), "val", show_progress)
+            row = {"epoch": epoch, "lr": train_stats["lr"], "train_loss": train_stats["loss"],
+                   "train_acc": train_stats["acc"], "val_loss": val["loss"], "val_acc": val["top1"],
+                   "val_f1": val["f1"], "epoch_time": train_stats["time"], "images_per_s": train_stats["images_per_s"]}
+            history.append(row)
+            history.plot(run_dir / "plots")
+            if board:
+                board.log(row, epoch)
+            metrics = {k: v for k, v in val.items() if k != "confusion"}
+            improved = best is None or is_better(metrics, best, args.best_metric)
+            if improved:
+                best = {"epoch": epoch, args.best_metric: metrics[args.best_metric], "loss": metrics["loss"]}
+                save_checkpoint(checkpoint(epoch, metrics, resumable=False), run_dir / "best.pth")
+            save_checkpoint(checkpoint(epoch, metrics, resumable=True), run_dir / "last.pth")
+            if args.freq and epoch % args.freq == 0:
+                save_checkpoint(checkpoint(epoch, metrics, resumable=False), run_dir / f"epoch_{epoch}.pth")
+            log.info(f"epoch {epoch}/{args.epochs}  lr {train_stats['lr']:.2e}  train loss {train_stats['loss']:.4f} "
+                     f"acc {train_stats['acc']:.2%}  |  val {format_metrics(metrics)}  |  "
+                     f"{train_stats['time']:.1f}s {train_stats['images_per_s']:.0f} img/s{'  *best' if improved else ''}")
+    except KeyboardInterrupt:
+        log.info(f"\nInterrupted during epoch {epoch}. {run_dir / 'last.pth'} holds epoch {epoch - 1}; continue with:\n"
+                 f"  python train.py --resume_training {run_dir / 'last.pth'}")
+        raise
+    except NonFiniteLossError as error:
+        raise UsageError(f"{error}: training diverged; try a lower --lr (now {args.lr}) or --grad_clip 1.0") from None
+    finally:
+        if board:
+            board.close()
+
+    return final_report(run_dir, model, eval_loaders, eval_criterion, settings, class_names, log, show_progress)
+
+
+def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict | None:
+    """Load the checkpoint to resume from and take its settings (except RESUME_OVERRIDABLE flags)."""
+    if not args.resume_training:
+        return None
+    if args.resume_training == "auto":
+        found = newest_run_checkpoint(args.log_dir)
+        if found is None:
+            raise UsageError(f"--resume auto: no run with a last.pth under {args.log_dir}")
+        args.resume_training = str(found)
+    checkpoint = load_checkpoint(args.resume_training)
+    if "optimizer" not in checkpoint or "args" not in checkpoint:
+        raise UsageError(f"{args.resume_training} is not resumable (only last.pth keeps the optimizer state); "
+                         "use --weights to start a new run from it")
+    defaults = vars(parser.parse_args([]))
+    for key, value in checkpoint["args"].items():
+        if key in RESUME_OVERRIDABLE and getattr(args, key, None) != defaults.get(key):
+            continue
+        setattr(args, key, value)
+    return checkpoint
+
+
+def restore_training_state(checkpoint: dict, model, optimizer, scheduler, scaler) -> tuple[int, dict | None, list]:
+    model.load_state_dict(checkpoint["state_dict"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    restore_rng_state(checkpoint["rng"])
+    return checkpoint["epoch"], checkpoint.get("best_metric"), checkpoint.get("history", [])
+
+
+def is_better(metrics: dict, best: dict, name: str) -> bool:
+    """Higher is better except for loss; equal values go to the lower loss."""
+    value, best_value = metrics[name], best[name]
+    if name == "loss":
+        return value < best_value
+    return value > best_value or (value == best_value and metrics["loss"] < best["loss"])
+
+
+def inverse_frequency_weights(counts: list[int]) -> torch.Tensor:
+    """w_c = N / (C * n_c): each class contributes equally to the loss."""
+    counts_t = torch.tensor(counts, dtype=torch.float32).clamp(min=1)
+    return counts_t.sum() / (len(counts) * counts_t)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def plain_args(args: argparse.Namespace) -> dict:
+    """args as plain values only, so the checkpoint stays weights_only-loadable."""
+    return {k: v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v) for k, v in vars(args).items()}
+
+
+def describe_model(model: nn.Module, name: str, preprocess: Preprocess, run_dir: Path) -> str:
+    """One line of size and cost; the full torchinfo table goes to model_summary.txt."""
+    from torchinfo import summary
+
+    height, width = preprocess.input_size
+    stats = summary(model, input_size=(1, 3, height, width), verbose=0, mode="eval", device="cpu",
+                    col_names=("output_size", "num_params"))
+    (run_dir / "model_summary.txt").write_text(str(stats) + "\n", encoding="utf-8")
+    return (f"Model: {name}, {stats.total_params / 1e6:.2f}M parameters, "
+            f"{stats.total_mult_adds / 1e9:.3f} GMACs per {height}x{width} image")
+
+
+def final_report(run_dir: Path, model: nn.Module, eval_loaders: dict, criterion: nn.Module, settings: StepSettings,
+                 class_names: list[str], log, show_progress: bool) -> dict:
+    """Evaluate best.pth on val (per-class table, confusion matrix) and on test if there is one."""
+    best = load_checkpoint(run_dir / "best.pth")
+    unwrap_model(model).load_state_dict(best["state_dict"])
+    log.info(f"\nBest model: epoch {best['epoch']} ({run_dir / 'best.pth'})")
+    results = {}
+    for split, loader in eval_loaders.items():
+        metrics = evaluate(model, loader, criterion, settings, len(class_names), split, show_progress)
+        rows = per_class_rows(metrics["confusion"], class_names)
+        suffix = "" if split == "val" else f"_{split}"
+        plot_confusion_matrix(metrics["confusion"], class_names, run_dir / "plots" / f"confusion_matrix{suffix}.png",
+                              title=f"{split} confusion matrix")
+        write_per_class_csv(rows, run_dir / f"per_class{suffix}.csv")
+        log.info(f"{split}: {format_metrics(metrics)}\n{format_per_class(rows)}")
+        results[split] = {k: v for k, v in metrics.items() if k != "confusion"}
+        if split == "test":
+            write_json({"checkpoint": str(run_dir / "best.pth"), "epoch": best["epoch"], **results[split],
+                        "per_class": rows, "confusion_matrix": metrics["confusion"].tolist()},
+                       run_dir / "test_metrics.json")
+    log.info(f"Run folder: {run_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)

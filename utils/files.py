@@ -1,0 +1,30 @@
+"""Finding image files: torch-free, so split_dataset.py starts fast."""
+
+from __future__ import annotations
+
+import os
+
+from natsort import natsorted
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[str]:
+    """Image files under `folder` (hidden files and folders skipped), in natural order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f))
+        if not recursive:
+            break
+    return natsorted(found)
+
+
+def list_class_dirs(folder: str | os.PathLike) -> list[str]:
+    """Names of the visible sub-folders of `folder`, in natural order."""
+    return natsorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))

@@ -1,0 +1,169 @@
+"""The one preprocessing definition, shared by training, evaluation, infer.py and the UI.
+
+A `Preprocess` (stored in every checkpoint) says how an RGB uint8 image becomes model input:
+    1. resize to `input_size` (H, W) by `resize_mode`:
+         crop       resize so the image covers input_size / crop_pct, then centre crop
+         letterbox  resize to fit inside input_size keeping aspect ratio, pad with the mean colour
+         stretch    resize straight to input_size (aspect ratio not kept)
+    2. (training only) augmentation on the uint8 tensor
+    3. normalise with mean/std, batched on the device (`normalize_batch`): cheaper than per image
+       in the DataLoader workers, and the DataLoader moves 4x fewer bytes as uint8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as F
+
+from utils.errors import UsageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_MODES = ("crop", "letterbox", "stretch")
+AUGMENTS = ("none", "basic", "randaugment", "trivialaugment")
+
+
+@dataclass
+class Preprocess:
+    """How to turn an image into model input; saved as a plain dict in the checkpoint."""
+
+    input_size: list[int] = field(default_factory=lambda: [224, 224])  # [H, W]
+    resize_mode: str = "crop"
+    crop_pct: float = 0.875  # crop mode: the centre crop keeps this fraction of the resized side
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Preprocess:
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def parse_input_shape(values: Sequence[int]) -> list[int]:
+    """`--input_shape 224` -> [224, 224]; `--input_shape 224 160` -> [224, 160] (H, W)."""
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise UsageError(f"--input_shape takes one or two positive sizes (H [W]), got {' '.join(map(str, values))}")
+    return [values[0], values[0]] if len(values) == 1 else list(values)
+
+
+def _interpolation(name: str) -> T.InterpolationMode:
+    return T.InterpolationMode(name)
+
+
+class ResizeCover(torch.nn.Module):
+    """Resize keeping aspect ratio so the image covers `size` / `crop_pct`; then centre crop."""
+
+    def __init__(self, size: Sequence[int], crop_pct: float, interpolation: T.InterpolationMode):
+        super().__init__()
+        self.size, self.crop_pct, self.interpolation = list(size), crop_pct, interpolation
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        scale = max(self.size[0] / height, self.size[1] / width) / self.crop_pct
+        new_size = [max(self.size[0], round(height * scale)), max(self.size[1], round(width * scale))]
+        image = F.resize(image, new_size, interpolation=self.interpolation, antialias=True)
+        return F.center_crop(image, self.size)
+
+
+class Letterbox(torch.nn.Module):
+    """Resize to fit inside `size` keeping aspect ratio, pad the rest with `fill` (the mean colour)."""
+
+    def __init__(self, size: Sequence[int], fill: Sequence[int], interpolation: T.InterpolationMode):
+        super().__init__()
+        self.size, self.fill, self.interpolation = list(size), list(fill), interpolation
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        scale = min(self.size[0] / height, self.size[1] / width)
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        image = F.resize(image, [new_h, new_w], interpolation=self.interpolation, antialias=True)
+        top, left = (self.size[0] - new_h) // 2, (self.size[1] - new_w) // 2
+        padding = [left, top, self.size[1] - new_w - left, self.size[0] - new_h - top]
+        return F.pad(image, padding, fill=self.fill)
+
+
+def _mean_fill(pre: Preprocess) -> list[int]:
+    return [round(m * 255) for m in pre.mean]  # pads to 0 after normalisation
+
+
+def build_eval_transform(pre: Preprocess) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Deterministic resize of a uint8 CHW tensor to `pre.input_size` (eval, infer, UI)."""
+    interpolation = _interpolation(pre.interpolation)
+    if pre.resize_mode == "crop":
+        return ResizeCover(pre.input_size, pre.crop_pct, interpolation)
+    if pre.resize_mode == "letterbox":
+        return Letterbox(pre.input_size, _mean_fill(pre), interpolation)
+    if pre.resize_mode == "stretch":
+        return T.Resize(pre.input_size, interpolation=interpolation, antialias=True)
+    raise UsageError(f"--resize_mode must be one of {', '.join(RESIZE_MODES)}, got {pre.resize_mode!r}")
+
+
+def build_train_transform(
+    pre: Preprocess,
+    augment: str = "basic",
+    hflip: float = 0.5,
+    color_jitter: float = 0.0,
+    crop_scale: float = 0.08,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Training augmentation on uint8 CHW tensors.
+
+    none:           the eval resize only (no randomness)
+    basic:          random resized crop (crop/stretch modes) or letterbox + random scale/shift,
+                    horizontal flip, optional colour jitter
+    randaugment / trivialaugment: basic + that policy (torchvision's implementations)
+    """
+    if augment not in AUGMENTS:
+        raise UsageError(f"--augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+    if augment == "none":
+        return build_eval_transform(pre)
+    interpolation = _interpolation(pre.interpolation)
+    if pre.resize_mode == "letterbox":
+        steps: list = [
+            Letterbox(pre.input_size, _mean_fill(pre), interpolation),
+            T.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.75, 1.0), fill=_mean_fill(pre)),
+        ]
+    else:
+        ratio = pre.input_size[1] / pre.input_size[0]
+        steps = [
+            T.RandomResizedCrop(
+                pre.input_size,
+                scale=(crop_scale, 1.0),
+                ratio=(ratio * 3 / 4, ratio * 4 / 3),
+                interpolation=interpolation,
+                antialias=True,
+            )
+        ]
+    if hflip > 0:
+        steps.append(T.RandomHorizontalFlip(hflip))
+    if augment == "randaugment":
+        steps.append(T.RandAugment(interpolation=interpolation))
+    elif augment == "trivialaugment":
+        steps.append(T.TrivialAugmentWide(interpolation=interpolation))
+    if color_jitter > 0:
+        steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
+    return T.Compose(steps)
+
+
+def normalize_batch(
+    images: torch.Tensor,
+    pre: Preprocess,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """uint8 NCHW batch (already on the device) -> normalised float model input."""
+    mean = torch.tensor(pre.mean, device=images.device, dtype=dtype).view(1, -1, 1, 1) * 255
+    std = torch.tensor(pre.std, device=images.device, dtype=dtype).view(1, -1, 1, 1) * 255
+    images = (images.to(dtype) - mean) / std
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
