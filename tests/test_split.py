@@ -1,0 +1,526 @@
+"""utils/split.py (planner, file placement) and split_dataset.py (CLI), on real files in tmp_path."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import split_dataset
+import utils.split as split_module
+from utils.cli import run_cli
+from utils.errors import UsageError
+from utils.split import (
+    SPLITS,
+    apply_split,
+    hash_files,
+    plan_split,
+    read_split_csv,
+    scan_source,
+    split_counts,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The generated tree: class -> image files (relative to the class folder).
+IMAGES = {
+    "daisy": [f"daisy_{i}.png" for i in range(10)] + ["sub/daisy_0.png", "daisy_copy.png"],
+    "rose": [f"rose_{i}.jpg" for i in range(1, 7)] + ["img1.jpg", "img01.jpg"],
+    "café": [f"café_{i}.png" for i in range(4)] + ["花.jpg"],
+    "single": ["one.png"],
+    "pair": ["a.png", "b.png"],
+}
+DUPLICATES = {"daisy/daisy_copy.png": "daisy/daisy_0.png", "café/花.jpg": "rose/rose_1.jpg"}
+SKIPPED = {
+    ".DS_Store": "not inside a class folder",
+    "LICENSE.txt": "not inside a class folder",
+    "daisy/notes.txt": "not an image (extension)",
+    "daisy/._daisy_3.png": "hidden file",
+    "daisy/.thumbs": "hidden folder",
+    "rose/.DS_Store": "hidden file",
+    "empty/.gitkeep": "hidden file",
+}
+NUM_IMAGES = sum(len(v) for v in IMAGES.values())
+
+
+def _write_image(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)  # noise: unique bytes
+    Image.fromarray(pixels).save(path)
+
+
+def _build_tree(root: Path) -> None:
+    seed = 0
+    for class_name, names in IMAGES.items():
+        for name in names:
+            rel = f"{class_name}/{name}"
+            if rel not in DUPLICATES:
+                seed += 1
+                _write_image(root / rel, seed)
+    for copy, original in DUPLICATES.items():
+        shutil.copyfile(root / original, root / copy)  # byte-identical
+    for rel in SKIPPED:
+        if rel == "daisy/.thumbs":
+            _write_image(root / rel / "t.png", 999)
+        else:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(b"not an image")
+
+
+@pytest.fixture(scope="module")
+def tree_template(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("template") / "photos"
+    _build_tree(root)
+    return root
+
+
+@pytest.fixture
+def src(tree_template, tmp_path) -> Path:
+    """A fresh copy of the generated tree for each test."""
+    root = tmp_path / "photos"
+    shutil.copytree(tree_template, root)
+    return root
+
+
+def _sha1(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def _image_hashes(root: Path) -> dict[str, str]:
+    """{class/inner path: sha1} of the images of an unsplit tree."""
+    return {f"{c}/{n}": _sha1(root / c / n) for c, names in IMAGES.items() for n in names}
+
+
+def _all_files(root: Path) -> dict[str, str]:
+    """{relative path: sha1} of every regular file under root (symlinks followed)."""
+    return {p.relative_to(root).as_posix(): _sha1(p) for p in root.rglob("*") if p.is_file()}
+
+
+def _split_files(dst: Path) -> dict[str, str]:
+    """{class/inner path: split} for every file under dst/<split>/; fails on a file in two splits."""
+    found: dict[str, str] = {}
+    for split in SPLITS:
+        for path in (dst / split).rglob("*") if (dst / split).exists() else []:
+            if path.is_file():
+                rel = path.relative_to(dst / split).as_posix()
+                assert rel not in found, f"{rel} is in {found[rel]} and {split}"
+                found[rel] = split
+    return found
+
+
+def _expected_plan(src: Path, val_ratio: float = 0.1, test_ratio: float = 0.1, seed: int = 0):
+    scan = scan_source(src)
+    hashes = hash_files([p for paths in scan.files.values() for p in paths])
+    return plan_split(scan.files, val_ratio=val_ratio, test_ratio=test_ratio, seed=seed, hashes=hashes)
+
+
+def _run_main(args: list[str], capsys) -> tuple[int, str, str]:
+    """split_dataset.main in-process, through run_cli like the script: (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        run_cli(lambda: split_dataset.main(args))
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    return subprocess.run(
+        [sys.executable, "split_dataset.py", *args],
+        cwd=REPO, capture_output=True, text=True, encoding="utf-8", env=env, timeout=120,
+    )
+
+
+def _names(n: int, prefix: str = "img") -> list[str]:
+    return [f"/data/{prefix}/{prefix}_{i}.jpg" for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- rounding rule
+
+
+@pytest.mark.parametrize(
+    "n, val, test, expected",
+    [
+        (0, 0.1, 0.1, (0, 0, 0)),
+        (1, 0.5, 0.2, (1, 0, 0)),  # classes of 1 and 2 stay in train
+        (2, 0.5, 0.0, (2, 0, 0)),
+        (3, 0.1, 0.1, (1, 1, 1)),  # >= 3: at least one val and one test
+        (3, 0.1, 0.0, (2, 1, 0)),
+        (10, 0.1, 0.1, (8, 1, 1)),
+        (10, 0.25, 0.0, (7, 3, 0)),  # 2.5 rounds half up, not to even
+        (90, 0.35, 0.0, (58, 32, 0)),  # 90 * 0.35 = 31.499999999999996 in floats: still 31.5 -> 32
+        (4, 0.45, 0.45, (1, 2, 1)),  # rounding up would eat train: one image stays
+        (3, 0.9, 0.0, (1, 2, 0)),
+        (633, 0.1, 0.1, (507, 63, 63)),
+    ],
+)
+def test_split_counts_examples(n, val, test, expected):
+    assert split_counts(n, val, test) == expected
+
+
+def test_split_counts_invariants():
+    for n in range(60):
+        for val, test in [(0.1, 0.1), (0.2, 0.0), (0.5, 0.45), (0.01, 0.01), (0.0, 0.3), (0.7, 0.2)]:
+            n_train, n_val, n_test = split_counts(n, val, test)
+            assert n_train + n_val + n_test == n
+            assert min(n_train, n_val, n_test) >= 0
+            if n >= 1:
+                assert n_train >= 1
+            if n >= 3:
+                assert (n_val >= 1) == (val > 0) and (n_test >= 1) == (test > 0)
+            if test == 0:
+                assert n_test == 0
+
+
+# ----------------------------------------------------------------------------- planner
+
+
+def test_plan_is_stratified_one_assignment_per_file():
+    files = {"a": _names(50, "a"), "b": _names(7, "b"), "c": _names(2, "c")}
+    plan = plan_split(files, val_ratio=0.2, test_ratio=0.1, seed=0)
+    assert sorted(a.path for a in plan.assignments) == sorted(p for ps in files.values() for p in ps)
+    assert all(a.path.split("/")[2] == a.class_name for a in plan.assignments)
+    counts = plan.counts()
+    for name, paths in files.items():
+        assert tuple(counts[name][s] for s in SPLITS) == split_counts(len(paths), 0.2, 0.1)
+    assert plan.small_classes == ["c"]
+    assert plan.splits == ["train", "val", "test"]
+
+
+def test_plan_does_not_depend_on_input_order():
+    names = _names(30) + ["/data/img/x1.jpg", "/data/img/x01.jpg"]  # natsort ties these two
+    plan = plan_split({"img": names, "b": _names(9, "b")}, val_ratio=0.2, test_ratio=0.2, seed=5)
+    shuffled = random.Random(1).sample(names, len(names))
+    other = plan_split({"b": _names(9, "b")[::-1], "img": shuffled}, val_ratio=0.2, test_ratio=0.2, seed=5)
+    assert other.assignments == plan.assignments
+
+
+def test_same_seed_same_split_other_seed_differs():
+    files = {"a": _names(40, "a"), "b": _names(40, "b")}
+    first = plan_split(files, val_ratio=0.2, test_ratio=0.1, seed=7)
+    assert plan_split(files, val_ratio=0.2, test_ratio=0.1, seed=7).assignments == first.assignments
+    assert plan_split(files, val_ratio=0.2, test_ratio=0.1, seed=8).assignments != first.assignments
+
+
+def test_global_rng_state_plays_no_part():
+    files = {"a": _names(40)}
+    random.seed(1)
+    np.random.seed(1)
+    first = plan_split(files, val_ratio=0.3, seed=0)
+    random.seed(2)
+    np.random.seed(2)
+    assert plan_split(files, val_ratio=0.3, seed=0).assignments == first.assignments
+
+
+def test_adding_a_class_does_not_reshuffle_the_others():
+    files = {"a": _names(40, "a")}
+    before = plan_split(files, val_ratio=0.2, seed=0)
+    after = plan_split({**files, "0new": _names(40, "0new")}, val_ratio=0.2, seed=0)
+    assert [a for a in after.assignments if a.class_name == "a"] == before.assignments
+
+
+def test_zero_test_ratio_makes_no_test_split():
+    plan = plan_split({"a": _names(40)}, val_ratio=0.2, test_ratio=0.0)
+    assert {a.split for a in plan.assignments} == {"train", "val"}
+    assert plan.splits == ["train", "val"]
+    assert "test" not in plan.format_table().splitlines()[0]
+
+
+def test_duplicates_kept_together_and_counts_kept():
+    names = _names(20)
+    hashes = {p: f"h{i // 2}" for i, p in enumerate(names[:12])}  # 6 pairs of identical files
+    plain = plan_split({"img": names}, val_ratio=0.2, test_ratio=0.2, seed=0)
+    planned = {a.path: a.split for a in plain.assignments}
+    assert any(planned[names[i]] != planned[names[i + 1]] for i in range(0, 12, 2)), "test needs a split pair"
+
+    plan = plan_split({"img": names}, val_ratio=0.2, test_ratio=0.2, seed=0, hashes=hashes)
+    split_of = {a.path: a.split for a in plan.assignments}
+    for i in range(0, 12, 2):
+        assert split_of[names[i]] == split_of[names[i + 1]]
+    assert plan.counts() == plain.counts()  # moved files swapped with non-duplicates
+    assert len(plan.duplicate_groups) == 6
+    moved = [g for g in plan.duplicate_groups if g.moved]
+    assert any(g.split == "train" for g in moved)
+    for group in moved:  # train if a member was planned there, else the eval split that held one
+        was = {planned[p] for p in group.paths}
+        assert group.split == "train" if "train" in was else group.split in was
+        assert group.moved == [(p, planned[p]) for p in group.paths if planned[p] != group.split]
+
+
+def test_duplicate_across_classes_is_reported_with_both_classes():
+    files = {"a": _names(10, "a"), "b": _names(10, "b")}
+    plain = {x.path: x.split for x in plan_split(files, val_ratio=0.3, seed=0).assignments}
+    a_val = next(p for p in files["a"] if plain[p] == "val")
+    b_train = next(p for p in files["b"] if plain[p] == "train")
+    plan = plan_split(files, val_ratio=0.3, seed=0, hashes={a_val: "same", b_train: "same"})
+    split_of = {x.path: x.split for x in plan.assignments}
+    assert split_of[a_val] == split_of[b_train] == "train"
+    (group,) = plan.duplicate_groups
+    assert group.classes == ["a", "b"] and group.moved == [(a_val, "val")]
+
+
+@pytest.mark.parametrize("val, test", [(1.0, 0.0), (-0.1, 0.1), (0.5, 0.5), (0.2, 1.2), (float("nan"), 0.1)])
+def test_bad_ratios_are_usage_errors(val, test):
+    with pytest.raises(UsageError, match="ratio"):
+        plan_split({"a": _names(10)}, val_ratio=val, test_ratio=test)
+
+
+def test_a_path_listed_twice_is_refused():
+    with pytest.raises(ValueError, match="listed twice"):
+        plan_split({"a": ["/x/1.jpg"], "b": ["/x/1.jpg"]}, val_ratio=0.2)
+
+
+# ----------------------------------------------------------------------------- source scan and placing files
+
+
+def test_scan_source_takes_images_and_lists_the_rest(src):
+    scan = scan_source(src)
+    found = {c: sorted(os.path.relpath(p, src / c) for p in ps) for c, ps in scan.files.items()}
+    assert found == {c: sorted(str(Path(n)) for n in names) for c, names in IMAGES.items()}
+    assert {Path(p).relative_to(src).as_posix(): why for p, why in scan.skipped} == SKIPPED
+    assert scan.empty_classes == ["empty"]
+
+
+@pytest.mark.parametrize("mode", ["copy", "hardlink", "symlink"])
+def test_apply_places_every_file_once_and_keeps_the_source(src, tmp_path, mode):
+    before = _all_files(src)
+    plan = _expected_plan(src)
+    dst = tmp_path / "out"
+    assert apply_split(plan, src, dst, mode) == NUM_IMAGES
+    placed = _split_files(dst)
+    assert placed == {Path(a.path).relative_to(src).as_posix(): a.split for a in plan.assignments}
+    assert _all_files(src) == before  # source untouched
+    for rel, split in placed.items():
+        target, source = dst / split / rel, src / rel
+        assert _sha1(target) == before[rel]
+        assert target.is_symlink() == (mode == "symlink")
+        if mode != "copy":
+            assert os.path.samefile(target, source)
+
+
+@pytest.mark.parametrize("failing", ["copy2", "replace"])
+def test_interrupted_cross_device_move_loses_nothing(src, tmp_path, monkeypatch, failing):
+    originals = _image_hashes(src)
+    plan = _expected_plan(src)
+    dst = tmp_path / "out"
+
+    def no_rename(a, b):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    calls = []
+    real = {"copy2": shutil.copy2, "replace": os.replace}[failing]
+
+    def fail_on_fifth(a, b):
+        calls.append(a)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(a, b)
+
+    monkeypatch.setattr(split_module.os, "rename", no_rename)
+    monkeypatch.setattr(split_module.shutil if failing == "copy2" else split_module.os, failing, fail_on_fifth)
+    with pytest.raises(UsageError, match="4 of 28 file.*no file was lost"):
+        apply_split(plan, src, dst, "move")
+    split_of = {Path(a.path).relative_to(src).as_posix(): a.split for a in plan.assignments}
+    for rel, sha1 in originals.items():
+        places = [p for p in (src / rel, dst / split_of[rel] / rel) if p.exists()]
+        assert len(places) == 1, f"{rel} is in {len(places)} places"
+        assert _sha1(places[0]) == sha1
+    assert sum(1 for rel in originals if not (src / rel).exists()) == 4
+
+
+def test_move_with_a_short_copy_keeps_the_source(src, tmp_path, monkeypatch):
+    plan = _expected_plan(src)
+    first = Path(plan.assignments[0].path)
+    data = first.read_bytes()
+    monkeypatch.setattr(split_module.os, "rename", lambda a, b: (_ for _ in ()).throw(OSError(errno.EXDEV, "x")))
+    monkeypatch.setattr(split_module.shutil, "copy2", lambda a, b: Path(b).write_bytes(Path(a).read_bytes()[:-1]))
+    with pytest.raises(UsageError, match="size differs"):
+        apply_split(plan, src, tmp_path / "out", "move")
+    assert first.read_bytes() == data
+    assert not any(p.is_file() for p in (tmp_path / "out").rglob("*"))
+
+
+def test_hardlink_across_filesystems_is_a_clear_error(src, tmp_path, monkeypatch):
+    def cross_device(a, b):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(split_module.os, "link", cross_device)
+    with pytest.raises(UsageError, match="--mode hardlink is not possible.*--mode copy"):
+        apply_split(_expected_plan(src), src, tmp_path / "out", "hardlink")
+
+
+# ----------------------------------------------------------------------------- CLI, in-process
+
+
+def test_same_seed_gives_the_same_split_csv(src, tmp_path, capsys):
+    for out in ("a", "b"):
+        assert _run_main(["--src", str(src), "--dst", str(tmp_path / out), "--seed", "3"], capsys)[0] == 0
+    rows = [[(r["file"], r["split"], r["sha1"]) for r in read_split_csv(tmp_path / o / "split.csv")] for o in "ab"]
+    assert rows[0] == rows[1] and len(rows[0]) == NUM_IMAGES
+
+
+def test_test_ratio_zero_writes_no_test_folder(src, tmp_path, capsys):
+    code, out, _ = _run_main(["--src", str(src), "--dst", str(tmp_path / "o"), "--test_ratio", "0"], capsys)
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["split.csv", "train", "val"]
+    assert len(_split_files(tmp_path / "o")) == NUM_IMAGES
+
+
+def test_overwrite_never_deletes_the_only_copy_of_moved_files(src, tmp_path, capsys):
+    again = tmp_path / "again"
+    shutil.copytree(src, again)
+    dst = tmp_path / "o"
+    assert _run_main(["--src", str(src), "--dst", str(dst), "--mode", "move"], capsys)[0] == 0
+    moved = _all_files(dst)
+    code, _, err = _run_main(["--src", str(again), "--dst", str(dst), "--overwrite"], capsys)
+    assert code == 2 and "would delete the only copy" in err
+    assert _all_files(dst) == moved
+
+
+def test_overwrite_refuses_to_leave_a_stale_test_folder(src, tmp_path, capsys):
+    dst = tmp_path / "o"
+    assert _run_main(["--src", str(src), "--dst", str(dst)], capsys)[0] == 0
+    before = _all_files(dst)
+    code, _, err = _run_main(["--src", str(src), "--dst", str(dst), "--overwrite", "--test_ratio", "0"], capsys)
+    assert code == 2 and "test would be left from an earlier split" in err
+    assert _all_files(dst) == before
+
+
+def test_overwrite_never_deletes_the_source(src, tmp_path, capsys):
+    dst = tmp_path / "o"
+    assert _run_main(["--src", str(src), "--dst", str(dst), "--test_ratio", "0"], capsys)[0] == 0
+    before = _all_files(dst)
+    code, _, err = _run_main(["--src", str(dst / "train"), "--dst", str(dst), "--overwrite", "--test_ratio", "0"], capsys)
+    assert code == 2 and "which --overwrite would delete" in err
+    assert _all_files(dst) == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dst", "{tmp}/o"], "--src is required"),
+        (["--src", "{tmp}/nowhere", "--dst", "{tmp}/o"], "does not exist"),
+        (["--src", "{src}/daisy/sub", "--dst", "{tmp}/o"], "has no class folders"),
+        (["--src", "{src}", "--dst", "{tmp}/o", "--val_ratio", "0.6", "--test_ratio", "0.4"], "must be below 1"),
+        (["--src", "{src}", "--dst", "{tmp}/o", "--val_ratio", "0"], "--val_ratio must be > 0"),
+        (["--src", "{src}", "--dst", "{src}/out"], "is inside --src"),
+        (["--src", "{src}", "--dst", "{src}/LICENSE.txt"], "is inside --src"),
+        (["--src", "{tmp}/split", "--dst", "{tmp}/o"], "already split"),
+        (["--src", "{src}", "--dst", "{tmp}/file.txt"], "not a folder"),
+        (["--src", "{src}", "--dst", "{tmp}/o", "--mode", "copy", "--val_ratio", "1.5"], "--val_ratio must be in"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(src, tmp_path, capsys, args, message):
+    (tmp_path / "split" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "split" / "val" / "a").mkdir(parents=True)
+    (tmp_path / "file.txt").write_text("x")
+    code, _, err = _run_main([a.format(tmp=tmp_path, src=src) for a in args], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- CLI, subprocess
+
+
+def test_cli_copy_prints_the_plan_and_copies_every_image_once(src, tmp_path):
+    before = _all_files(src)
+    plan = _expected_plan(src)
+    dst = tmp_path / "flower_data"
+    result = _run_cli("--src", str(src), "--dst", str(dst), "--val_ratio", "0.1", "--test_ratio", "0.1")
+    assert result.returncode == 0, result.stderr
+    counts = plan.counts()
+    for class_name, row in counts.items():
+        expected = [class_name, sum(row.values()), row["train"], row["val"], row["test"]]
+        assert " ".join(map(str, expected)) in [" ".join(line.split()) for line in result.stdout.splitlines()]
+        if sum(row.values()) >= 3:  # duplicates were swapped, so the rounding rule still holds
+            assert tuple(row[s] for s in SPLITS) == split_counts(sum(row.values()), 0.1, 0.1)
+    assert f"total {NUM_IMAGES} " in " ".join(result.stdout.split())
+    assert "pair (2), single (1)" in result.stdout and "café/花.jpg" in result.stdout
+    assert _all_files(src) == before  # copy: the source is untouched
+    placed = _split_files(dst)
+    assert placed == {Path(a.path).relative_to(src).as_posix(): a.split for a in plan.assignments}
+    assert placed["daisy/daisy_0.png"] == placed["daisy/daisy_copy.png"]
+    assert placed["café/花.jpg"] == placed["rose/rose_1.jpg"]
+    rows = read_split_csv(dst / "split.csv")
+    assert len(rows) == NUM_IMAGES
+    for row in rows:
+        assert _sha1(dst / row["file"]) == row["sha1"] == before[Path(row["source"]).relative_to(src).as_posix()]
+        assert row["file"].split("/")[:2] == [row["split"], row["class"]]
+
+
+def test_cli_move_loses_no_file(src, tmp_path):
+    images = _image_hashes(src)
+    originals = Counter(images.values())
+    dst = tmp_path / "flower_data"
+    result = _run_cli("--src", str(src), "--dst", str(dst), "--mode", "move")
+    assert result.returncode == 0, result.stderr
+    moved = _split_files(dst)
+    assert Counter(_sha1(dst / split / rel) for rel, split in moved.items()) == originals
+    left = _all_files(src)
+    assert not set(images) & set(left)  # no image left behind
+    assert {"LICENSE.txt", "daisy/notes.txt", "daisy/._daisy_3.png"} <= set(left)  # skipped files stay
+
+
+def test_cli_refuses_a_full_dst_and_overwrite_replaces_only_the_splits(src, tmp_path, capsys):
+    dst = tmp_path / "flower_data"
+    assert _run_main(["--src", str(src), "--dst", str(dst)], capsys)[0] == 0
+    (dst / "notes.md").write_text("mine")
+    shutil.copyfile(src / "single" / "one.png", dst / "train" / "daisy" / "stray.png")
+    before = _all_files(dst)
+
+    refused = _run_cli("--src", str(src), "--dst", str(dst), "--seed", "1")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: --dst") and "--overwrite" in refused.stderr
+    assert "Traceback" not in refused.stderr and refused.stdout == ""  # refused before any work
+    assert _all_files(dst) == before
+
+    replaced = _run_cli("--src", str(src), "--dst", str(dst), "--seed", "1", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert (dst / "notes.md").read_text() == "mine"  # not a split folder: kept
+    assert not (dst / "train" / "daisy" / "stray.png").exists()
+    plan = _expected_plan(src, seed=1)
+    assert _split_files(dst) == {Path(a.path).relative_to(src).as_posix(): a.split for a in plan.assignments}
+    assert [r["split"] for r in read_split_csv(dst / "split.csv")] == [a.split for a in plan.assignments]
+
+
+def test_cli_dry_run_writes_nothing(src, tmp_path):
+    before = _all_files(src)
+    dst = tmp_path / "flower_data"
+    result = _run_cli("--src", str(src), "--dst", str(dst), "--dry-run", "--mode", "move")
+    assert result.returncode == 0, result.stderr
+    assert "Dry run: would move 28 file(s)" in result.stdout
+    assert f"total {NUM_IMAGES} " in " ".join(result.stdout.split())
+    assert not dst.exists()
+    assert _all_files(src) == before
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path):
+    result = _run_cli("--src", str(tmp_path / "missing"), "--dst", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert result.stderr == f"error: --src {tmp_path / 'missing'} does not exist or is not a folder\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_side_in_memory_split_uses_the_same_planner(src):
+    from utils.data import scan_dataset  # the call train.py makes on an unsplit tree
+
+    shutil.rmtree(src / "empty")
+    scan = scan_dataset(src, val_ratio=0.2, seed=0)
+    plan = plan_split(scan_source(src).files, val_ratio=0.2, test_ratio=0.0, seed=0)
+    assert scan.split_on_the_fly
+    for split in ("train", "val"):
+        expected = sorted(a.path for a in plan.assignments if a.split == split)
+        assert sorted(path for path, _ in scan.splits[split]) == expected
