@@ -51,8 +51,8 @@ def min_input_size(name: str) -> int:
     return _MIN_INPUT.get(_family(name), 16)
 
 
-def _build(name: str, num_classes: int, input_size: tuple[int, int] = (224, 224)) -> nn.Module:
-    kwargs: dict = {"weights": None, "num_classes": num_classes}
+def _build(name: str, num_classes: int, input_size: tuple[int, int] = (224, 224), **extra) -> nn.Module:
+    kwargs: dict = {"weights": None, "num_classes": num_classes, **extra}
     if name in _AUX_LOGIT_MODELS:
         kwargs.update(aux_logits=True, init_weights=True)  # explicit: silences torchvision's warning
     if name.startswith("vit_"):
@@ -95,11 +95,15 @@ def check_input_size(name: str, input_size: tuple[int, int]) -> None:
         raise UsageError(f"{name} needs an --input_shape made of multiples of 224, got {height} {width}")
 
 
-def create_model(name: str, num_classes: int, input_size: tuple[int, int] = (224, 224)) -> nn.Module:
-    """Build registry model `name` with a fresh `num_classes` head for inputs of `input_size`."""
+def create_model(name: str, num_classes: int, input_size: tuple[int, int] = (224, 224), **model_kwargs) -> nn.Module:
+    """Build registry model `name` with a fresh `num_classes` head for inputs of `input_size`.
+
+    `model_kwargs` go to the torchvision builder (the checkpoint keeps them, e.g. the
+    `transform_input=True` that GoogLeNet/Inception use with ImageNet weights).
+    """
     check_model_name(name)
     check_input_size(name, input_size)
-    return MODEL_CLASSES[name](num_classes=num_classes, input_size=tuple(input_size))
+    return MODEL_CLASSES[name](num_classes=num_classes, input_size=tuple(input_size), **model_kwargs)
 
 
 def has_aux_logits(name: str) -> bool:

@@ -26,9 +26,8 @@ from natsort import natsorted
 from PIL import Image, ImageOps
 
 from utils.errors import UsageError
-from utils.files import IMAGE_EXTENSIONS, is_image_file, list_class_dirs, list_images  # noqa: F401 (re-exported)
+from utils.files import IMAGE_EXTENSIONS, VAL_SPLIT_NAMES, is_image_file, list_class_dirs, list_images  # noqa: F401
 
-VAL_SPLIT_NAMES = ("val", "valid", "validation")
 Sample = tuple[str, int]  # (image path, class index)
 
 cv2.setNumThreads(1)  # DataLoader workers give the parallelism; OpenCV's own pool would oversubscribe

@@ -7,6 +7,7 @@ import os
 from natsort import natsorted
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+VAL_SPLIT_NAMES = ("val", "valid", "validation")  # accepted names of the validation folder
 
 
 def is_image_file(path: str | os.PathLike) -> bool:

@@ -79,6 +79,7 @@ class History:
         self._write()
 
     def append(self, row: dict) -> None:
+        row = {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
         self.rows = [r for r in self.rows if int(r["epoch"]) != int(row["epoch"])] + [row]
         self._write()
 

@@ -24,8 +24,8 @@ from typing import Optional
 
 from natsort import natsort_keygen, natsorted
 
-from utils.data import VAL_SPLIT_NAMES, is_image_file, list_class_dirs
 from utils.errors import UsageError
+from utils.files import VAL_SPLIT_NAMES, is_image_file, list_class_dirs
 
 SPLITS = ("train", "val", "test")
 MODES = ("copy", "hardlink", "symlink", "move")
