@@ -74,7 +74,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{path} holds a {unsafe.group(1)} object, so it is not loaded (weights_only=True runs no code "
             "from files): re-save it as a plain state_dict or a dict of tensors and plain data"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except Exception:  # torch.load raises many types on garbage (KeyError, RuntimeError, EOFError...)
         raise UsageError(f"{path} is not a readable PyTorch checkpoint (truncated or damaged?)") from None
     state_dict = _find_state_dict(loaded)
     if state_dict is None:
