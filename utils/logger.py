@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -24,14 +25,20 @@ HISTORY_FIELDS = [
 ]
 
 
-def new_run_dir(log_dir: str | os.PathLike, model_name: str) -> Path:
-    """A fresh logs/<timestamp>_<model>/ folder (a suffix keeps two runs in one second apart)."""
+def new_run_dir(log_dir: str | os.PathLike, model_name: str, subdirs: Sequence[str] = ("plots",)) -> Path:
+    """A fresh logs/<timestamp>_<model>/ folder (a suffix keeps two runs in one second apart)
+    with `subdirs` inside; an existing folder is never reused, so no earlier run is overwritten."""
     base = Path(log_dir) / f"{datetime.now():%Y%m%d-%H%M%S}_{model_name}"
     run_dir, n = base, 1
-    while run_dir.exists():
-        n += 1
-        run_dir = base.with_name(f"{base.name}_{n}")
-    (run_dir / "plots").mkdir(parents=True)
+    while True:
+        try:
+            run_dir.mkdir(parents=True)  # atomic claim: two processes cannot both get one name
+            break
+        except FileExistsError:
+            n += 1
+            run_dir = base.with_name(f"{base.name}_{n}")
+    for name in subdirs:
+        (run_dir / name).mkdir()
     return run_dir
 
 
