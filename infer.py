@@ -204,7 +204,7 @@ def report_many(results, seconds: float, batch_size: int, workers: int) -> None:
     if metrics is None:
         _, predicted = results.top1()
         counts = Counter(results.class_names[int(i)] for i, ok in zip(predicted, results.readable) if ok)
-        print("Predicted classes: " + ", ".join(f"{name} {count}" for name, count in counts.most_common()))
+        print("Images per predicted class: " + ", ".join(f"{name}: {count}" for name, count in counts.most_common()))
         return
     print(f"Metrics over {metrics['count']} labelled images: {format_metrics(metrics)}")
     print(format_per_class(per_class_rows(metrics["confusion"], results.class_names)))
