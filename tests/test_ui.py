@@ -244,6 +244,19 @@ def test_problems_give_a_message_and_keep_the_window(qtbot, open_window, test_di
     assert len(window.predictions) == len(list_images(test_dir))
 
 
+def test_stop_ends_the_run_and_the_next_run_is_complete(qtbot, open_window, test_dir):
+    window = open_window(image_dir=str(test_dir), batch_size=1)
+    assert window.start_run()
+    window.toggle_run()  # the Run button reads Stop while a run is active
+    assert window.run_button.text() == "Stopping…" and not window.run_button.isEnabled()
+    qtbot.waitUntil(lambda: not window.running, timeout=RUN_TIMEOUT_MS)
+    assert "Stopped after" in window.log_lines[-1] and window.run_button.text() == "Run"
+    assert len(window.predictions) < len(list_images(test_dir))
+    window.options.batch_size = 64
+    run_to_end(qtbot, window)
+    assert len(window.predictions) == window.live.total == len(list_images(test_dir))
+
+
 def test_closing_during_a_run_asks_first(qtbot, open_window, test_dir):
     window = open_window(image_dir=str(test_dir), batch_size=1)
     assert window.start_run()

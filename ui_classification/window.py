@@ -409,8 +409,6 @@ class ViewerWindow(QMainWindow):
             self.update_controls()
 
     def _on_batch(self, items: list[ImagePrediction]) -> None:
-        if self.live is None:
-            return
         self.live.add(items)
         for item in items:
             if item.error:
