@@ -340,14 +340,16 @@ class ViewerWindow(QMainWindow):
 
     def _on_loaded(self, info: ModelInfo) -> None:
         self.model_info = info
-        self.loading_checkpoint = None
+        if self.loading_checkpoint == info.checkpoint:  # else another checkpoint is still on its way
+            self.loading_checkpoint = None
         self.log(self.text("log_loaded", summary=f"{info.model_name}, {len(info.class_names)} classes "
                            f"({info.checkpoint})", device=info.device))
         self.set_title(self.options.title or self.default_title(info))
         self._refresh_labels()
 
     def _on_load_failed(self, path: str, reason: str) -> None:
-        self.loading_checkpoint = None
+        if self.loading_checkpoint == path:
+            self.loading_checkpoint = None
         self._refresh_labels()
         self.show_message(self.text("err_bad_checkpoint", message=reason))
 
@@ -361,7 +363,7 @@ class ViewerWindow(QMainWindow):
     def start_run(self) -> bool:
         """Check the inputs (a message box for each problem), then hand the folder to the worker."""
         paths = self._run_inputs()
-        if paths is None or self.model_info is None:
+        if paths is None:
             return False
         self.predictions, self.current = [], -1
         self.live = LiveMetrics(self.model_info.class_names)
@@ -409,12 +411,14 @@ class ViewerWindow(QMainWindow):
             self.update_controls()
 
     def _on_batch(self, items: list[ImagePrediction]) -> None:
+        if self.job is None:  # delivered after shutdown() ended the run
+            return
         self.live.add(items)
         for item in items:
             if item.error:
                 self.log(self.text("log_skipped", reason=item.error))
                 continue
-            if self.save_dir and not item.saved_path:
+            if self.job.save_dir and not item.saved_path:
                 self.log(self.text("log_not_saved", path=item.path))
             self.predictions.append(item)
         self.progress.setValue(self.live.total)
@@ -424,15 +428,18 @@ class ViewerWindow(QMainWindow):
         self.update_controls()
 
     def _on_run_finished(self, completed: bool) -> None:
-        if self.live is not None:
-            if completed:
-                self.log(self.text("log_run_finished", count=self.live.total, seconds=self.live.elapsed,
-                                   metrics=self.live.summary()))
-            else:
-                self.log(self.text("log_run_stopped", count=self.live.total))
+        if self.job is None:  # delivered after shutdown() ended the run
+            return
+        if completed:
+            self.log(self.text("log_run_finished", count=self.live.total, seconds=self.live.elapsed,
+                               metrics=self.live.summary()))
+        else:
+            self.log(self.text("log_run_stopped", count=self.live.total))
         self._end_run()
 
     def _on_run_failed(self, message: str) -> None:
+        if self.job is None:
+            return
         self._end_run()
         self.show_message(self.text("err_run_failed", message=message))
 
@@ -452,7 +459,7 @@ class ViewerWindow(QMainWindow):
             return
         self.current = index
         item = self.predictions[index]
-        class_names = self.model_info.class_names
+        class_names = self.live.class_names  # the run's classes, even if another checkpoint was loaded since
         position = self.text("position", index=index + 1, total=len(self.predictions), path=self._shown_path(item))
         try:
             self.image_view.set_image(annotate(read_rgb(item.path), item, class_names, self.text))
@@ -470,7 +477,7 @@ class ViewerWindow(QMainWindow):
 
     def _describe(self, item: ImagePrediction, position: str) -> str:
         t = self.text
-        class_names = self.model_info.class_names
+        class_names = self.live.class_names
         truth = t("true_class", name=class_names[item.true_index]) if item.true_index is not None else t("no_true_class")
         prediction = t("prediction", name=class_names[item.predicted_index], probability=f"{item.probability:.2%}")
         return "\n".join([position, prediction, truth])
@@ -547,7 +554,7 @@ class ViewerWindow(QMainWindow):
             self.show_message(self.text("err_missing_save", path=folder))
             return []
         try:
-            files = export_records(folder, self.predictions, self.model_info.class_names, self.log_lines)
+            files = export_records(folder, self.predictions, self.live.class_names, self.log_lines)
         except OSError as error:
             self.show_message(self.text("err_record_failed", path=folder, message=error.strerror or error))
             return []
