@@ -102,7 +102,7 @@ def load_average() -> str:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = get_args_parser().parse_args(argv)
     if args.quick:
-        args.images, args.rounds = 48, 1
+        args.images, args.rounds = 32, 1
     workers = default_workers(args.images) if args.workers is None else args.workers
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as temp:
         folder = Path(temp)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         checkpoint = make_checkpoint(folder / "random.pth", args.model, args.input_shape)
         predictor = Predictor.from_checkpoint(str(checkpoint), device="cpu")
         run_loop(predictor, paths[:4])  # warm-up: first-call allocations and kernel selection
-        run_batched(predictor, paths[: args.batch_size], args.batch_size, 0)
+        run_batched(predictor, paths[:8], args.batch_size, 0)
         variants = {"per-image loop (batch 1)": lambda: run_loop(predictor, loop_paths)}
         if workers:  # shows what batching alone gives, before parallel decoding
             variants[f"batched, batch {args.batch_size}, 0 workers"] = \
