@@ -142,10 +142,9 @@ def predict(predictor, inputs: ImageInputs, labels: Optional[Labels], args: argp
     """All images through the batched DataLoader path; returns (Predictions, seconds, workers)."""
     from tqdm import tqdm
 
-    from utils.data import default_workers
-    from utils.predict import Predictions
+    from utils.predict import Predictions, inference_workers
 
-    workers = args.workers if args.workers is not None else default_workers(len(inputs.paths))
+    workers = args.workers if args.workers is not None else inference_workers(len(inputs.paths), predictor.device)
     workers = min(workers, len(inputs.paths))
     started = time.perf_counter()
     batches = predictor.predict_paths(inputs.paths, args.batch_size, workers)

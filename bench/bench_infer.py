@@ -4,14 +4,20 @@
     python bench/bench_infer.py --quick    # CI smoke test, well under a minute
     python bench/bench_infer.py --model resnet18 --images 200
 
-Both paths use the same Predictor (model loaded once, eval, inference_mode) and the same reader
-and preprocessing, so the difference is batching and parallel decoding only:
-  loop      for each path: read_rgb -> resize -> normalise -> forward a batch of one
-  batched   Predictor.predict_paths: DataLoader workers decode and resize, the model sees
-            --batch_size images per forward (what infer.py runs)
+Every row uses the same Predictor (model loaded once, eval, inference_mode, channels_last for
+CNNs) and the same reader and preprocessing, so the rows differ in batching, decoding workers
+and threads only:
+  per-image loop              for each path: read_rgb -> resize -> normalise -> forward a batch
+                              of one, with torch's default threads (one per core): the baseline
+  per-image loop, 1 thread    the same on one thread (full run only; see below)
+  batched, 0 workers          Predictor.predict_paths without DataLoader workers
+  batched, N workers          what infer.py runs: workers decode, the model gets the other cores
 The checkpoint holds random weights (nothing is downloaded); speed does not depend on them.
-Other processes may share the CPU, so the variants run interleaved for --rounds rounds and the
-table shows each one's median; the load average is printed with it.
+
+On a CPU that other processes also use, torch's one-thread-per-core default is slow for small
+batches: every layer waits for a descheduled thread. The 1-thread loop row shows how much of
+the speed-up comes from not oversubscribing rather than from batching. The variants run
+interleaved for --rounds rounds; the table shows each one's median and the load average.
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ import torch  # noqa: E402
 
 from models.registry import create_model  # noqa: E402
 from utils.checkpoint import CHECKPOINT_FORMAT, save_checkpoint  # noqa: E402
-from utils.data import default_workers, read_rgb  # noqa: E402
-from utils.predict import Predictions, Predictor  # noqa: E402
+from utils.data import read_rgb  # noqa: E402
+from utils.predict import Predictions, Predictor, inference_workers  # noqa: E402
 from utils.transforms import Preprocess  # noqa: E402
 from utils.visualize import save_rgb  # noqa: E402
 
@@ -84,6 +90,15 @@ def run_loop(predictor: Predictor, paths: list[str]) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
+def run_loop_one_thread(predictor: Predictor, paths: list[str]) -> float:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_loop(predictor, paths)
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_batched(predictor: Predictor, paths: list[str], batch_size: int, workers: int) -> float:
     """What infer.py does (worker start-up included). Returns images/s."""
     started = time.perf_counter()
@@ -102,17 +117,19 @@ def load_average() -> str:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = get_args_parser().parse_args(argv)
     if args.quick:
-        args.images, args.rounds = 32, 1
-    workers = default_workers(args.images) if args.workers is None else args.workers
+        args.images, args.rounds = 64, 1
+    workers = inference_workers(args.images, torch.device("cpu")) if args.workers is None else args.workers
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as temp:
         folder = Path(temp)
         paths = make_photos(folder, args.images, tuple(args.image_size))
-        loop_paths = paths[: max(8, len(paths) // 3)]  # the slow loop gets fewer images; the rate is per image
+        loop_paths = paths[: 8 if args.quick else len(paths) // 3]  # the loop is slow; its rate is per image
         checkpoint = make_checkpoint(folder / "random.pth", args.model, args.input_shape)
         predictor = Predictor.from_checkpoint(str(checkpoint), device="cpu")
         run_loop(predictor, paths[:4])  # warm-up: first-call allocations and kernel selection
         run_batched(predictor, paths[:8], args.batch_size, 0)
         variants = {"per-image loop (batch 1)": lambda: run_loop(predictor, loop_paths)}
+        if not args.quick:  # a loop on one thread dodges OpenMP's waits on a busy CPU: shown for fairness
+            variants["per-image loop (batch 1), 1 thread"] = lambda: run_loop_one_thread(predictor, loop_paths)
         if workers:  # shows what batching alone gives, before parallel decoding
             variants[f"batched, batch {args.batch_size}, 0 workers"] = \
                 lambda: run_batched(predictor, paths, args.batch_size, 0)
@@ -129,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"{args.image_size[0]}x{args.image_size[1]} JPEGs, CPU ({torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores), torch {torch.__version__}; median of {args.rounds} interleaved round(s); "
           f"load average {load_average()}")
-    print_table(medians, {name: len(loop_paths) if i == 0 else len(paths) for i, name in enumerate(names)})
+    print_table(medians, {name: len(loop_paths) if name.startswith("per-image") else len(paths) for name in names})
     return medians
 
 
