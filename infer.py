@@ -19,14 +19,21 @@ import sys
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 # Only torch-free modules at the top: the flags and --image_path are checked before torch loads
 # (seconds), so a typo fails at once. The functions below import what they need.
 from utils.cli import run_cli
 from utils.errors import UsageError
 from utils.inputs import ImageInputs, Labels, find_labels, resolve_inputs
+
+if TYPE_CHECKING:
+    import numpy as np
+    from tqdm import tqdm
+
+    from utils.predict import PredictionBatch, Predictions, Predictor
 
 MAX_LISTED = 20  # unreadable files printed to the console; all of them are in the output files
 ANNOTATED_MIN_SIDE = 320  # a single image smaller than this is enlarged so its label is readable
@@ -35,7 +42,7 @@ ANNOTATED_MIN_SIDE = 320  # a single image smaller than this is enlarged so its 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Predict images with a checkpoint from train.py (or a bare state_dict).",
-        add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_help=add_help)
     parser.add_argument("--weights", required=True, help="checkpoint (logs/<run>/best.pth) or a bare state_dict file")
     parser.add_argument("--image_path", "--image-path", nargs="+", required=True, metavar="PATH",
                         help="image file(s), folder(s) (searched recursively), glob(s) such as 'photos/*.jpg', "
@@ -45,21 +52,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     bare.add_argument("--categories", nargs="+", default=None, metavar="NAME",
                       help="class names in output order, space- or comma-separated: daisy dandelion / daisy,dandelion")
     bare.add_argument("--input_shape", "--input-shape", type=int, nargs="+", default=None, metavar="SIZE",
-                      help="model input H [W] (default 224)")
+                      help="model input H [W]; default 224")
     speed = parser.add_argument_group("speed")
-    speed.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    speed.add_argument("--batch_size", "--batch-size", type=int, default=64, help="images per forward pass")
+    speed.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; default %(default)s")
+    speed.add_argument("--batch_size", "--batch-size", type=int, default=64, help="images per forward pass; default %(default)s")
     speed.add_argument("--workers", type=int, default=None,
-                       help="DataLoader processes that decode images (default: by image count and cores)")
+                       help="DataLoader processes that decode images; default: by image count, cores and device")
     speed.add_argument("--amp", action="store_true", help="mixed precision (fp16/bf16 on GPU; bf16 on CPUs that have it)")
     output = parser.add_argument_group("output")
     output.add_argument("--topk", "--top_k", "--top-k", type=int, default=5,
-                        help="classes per image in predictions.csv/json")
+                        help="classes per image in predictions.csv/json and on the console; default %(default)s")
     output.add_argument("--save_dir", "--save-dir", default="results",
-                        help="results go to SAVE_DIR/<time>_<model>/, a new folder each run")
+                        help="results go to SAVE_DIR/<time>_<model>/, a new folder each run; default %(default)s")
     output.add_argument("--num_show", "--num-show", type=int, default=5,
-                        help="images in the sample grid and in the worst-mistakes grid (0: no grids)")
-    output.add_argument("--seed", type=int, default=0, help="picks the sample grid's images")
+                        help="images in the sample grid and in the worst-mistakes grid, 0 for none; default %(default)s")
+    output.add_argument("--seed", type=int, default=0, help="picks the sample grid's images; default %(default)s")
     output.add_argument("--show", action="store_true",
                         help="also open the picture in a window (only where a display exists)")
     return parser
@@ -87,23 +94,25 @@ def main(argv: Optional[list[str]] = None) -> dict:
     results, seconds, workers = predict(predictor, inputs, labels, args)
     if inputs.single and results.errors[0]:
         raise UsageError(results.errors[0])
-    run_dir = write_outputs(results, inputs, predictor, args)
+    metrics = results.metrics()  # None unless a labelled tree
+    run_dir = write_outputs(results, metrics, inputs, predictor, args)
     if inputs.single:
         report_single(results, args.topk)
-        save_single_picture(results, run_dir, args.show)
+        draw_safely(save_single_picture, results, run_dir, args.show)
     else:
-        report_many(results, seconds, args.batch_size, workers)
-        save_grids(results, run_dir, args.num_show, args.seed, args.show)
+        report_many(results, metrics, seconds, args.batch_size, workers)
+        draw_safely(save_grids, results, run_dir, args.num_show, args.seed, args.show)
+    from utils.results import output_listing
+
     print(f"Results in {run_dir}:\n{output_listing(run_dir)}")
     readable = int(results.readable.sum())
     if readable == 0:
         raise UsageError(f"none of the {len(results)} images could be read (listed in {run_dir / 'predictions.csv'})")
-    metrics = results.metrics()
     return {"run_dir": str(run_dir), "count": len(results), "readable": readable,
             "metrics": {k: v for k, v in metrics.items() if k != "confusion"} if metrics else None}
 
 
-def load_predictor(args: argparse.Namespace):
+def load_predictor(args: argparse.Namespace) -> Predictor:
     from utils.predict import Predictor, parse_categories
 
     return Predictor.from_checkpoint(args.weights, args.device, model_name=args.model,
@@ -115,7 +124,7 @@ def describe_epoch(info: dict) -> str:
     return f", epoch {info['epoch']}" if info.get("epoch") is not None else ""
 
 
-def ignored_flag_notes(args: argparse.Namespace, predictor) -> list[str]:
+def ignored_flag_notes(args: argparse.Namespace, predictor: Predictor) -> list[str]:
     """A train.py checkpoint decides model and preprocessing; say so when flags ask otherwise."""
     from utils.transforms import parse_input_shape
 
@@ -138,7 +147,8 @@ def describe_inputs(inputs: ImageInputs, labels: Optional[Labels]) -> str:
     return f"Images: {len(inputs.paths)} from {where}{tree}"
 
 
-def predict(predictor, inputs: ImageInputs, labels: Optional[Labels], args: argparse.Namespace):
+def predict(predictor: Predictor, inputs: ImageInputs, labels: Optional[Labels],
+            args: argparse.Namespace) -> tuple[Predictions, float, int]:
     """All images through the batched DataLoader path; returns (Predictions, seconds, workers)."""
     from tqdm import tqdm
 
@@ -155,13 +165,14 @@ def predict(predictor, inputs: ImageInputs, labels: Optional[Labels], args: argp
     return results, time.perf_counter() - started, workers
 
 
-def _counted(batches, bar):
+def _counted(batches: Iterable[PredictionBatch], bar: tqdm) -> Iterator[PredictionBatch]:
     for batch in batches:
         bar.update(len(batch.paths))
         yield batch
 
 
-def write_outputs(results, inputs: ImageInputs, predictor, args: argparse.Namespace) -> Path:
+def write_outputs(results: Predictions, metrics: Optional[dict], inputs: ImageInputs, predictor: Predictor,
+                  args: argparse.Namespace) -> Path:
     """predictions.txt/.csv/.json, and for a labelled tree the metrics files."""
     from utils.checkpoint import timestamp
     from utils.logger import new_run_dir
@@ -171,7 +182,6 @@ def write_outputs(results, inputs: ImageInputs, predictor, args: argparse.Namesp
     run_dir = new_run_dir(args.save_dir, predictor.model_name, subdirs=())
     write_txt(results, run_dir / "predictions.txt")
     write_csv(results, run_dir / "predictions.csv", args.topk)
-    metrics = results.metrics()
     run = {"checkpoint": args.weights, "model": predictor.model_name, "inputs": inputs.sources,
            "device": str(predictor.device), "created": timestamp(), "topk": args.topk}
     write_json_report(results, run_dir / "predictions.json", args.topk, run, metrics)
@@ -183,7 +193,7 @@ def write_outputs(results, inputs: ImageInputs, predictor, args: argparse.Namesp
     return run_dir
 
 
-def report_single(results, k: int) -> None:
+def report_single(results: Predictions, k: int) -> None:
     """The template's three lines, then the runners-up."""
     (pairs,) = results.topk(k)
     name, probability = pairs[0]
@@ -192,18 +202,18 @@ def report_single(results, k: int) -> None:
         print(f"Top {len(pairs)}: " + ", ".join(f"{n} {p:.2%}" for n, p in pairs))
 
 
-def report_many(results, seconds: float, batch_size: int, workers: int) -> None:
+def report_many(results: Predictions, metrics: Optional[dict], seconds: float, batch_size: int, workers: int) -> None:
     from utils.metrics import format_metrics, format_per_class, per_class_rows
 
     rate = len(results) / seconds if seconds > 0 else float("inf")
     print(f"Predicted {len(results)} images in {seconds:.2f} s ({rate:.1f} images/s; "
-          f"batch {batch_size}, {workers} workers)")
+          f"batch {batch_size}, {workers} worker{'' if workers == 1 else 's'})")
     report_unreadable(results.unreadable())
-    metrics = results.metrics()
     if metrics is None:
         _, predicted = results.top1()
         counts = Counter(results.class_names[int(i)] for i, ok in zip(predicted, results.readable) if ok)
-        print("Images per predicted class: " + ", ".join(f"{name}: {count}" for name, count in counts.most_common()))
+        if counts:
+            print("Images per predicted class: " + ", ".join(f"{name}: {count}" for name, count in counts.most_common()))
         return
     print(f"Metrics over {metrics['count']} labelled images: {format_metrics(metrics)}")
     print(format_per_class(per_class_rows(metrics["confusion"], results.class_names)))
@@ -220,7 +230,16 @@ def report_unreadable(unreadable: list[tuple[str, str]]) -> None:
         print(f"  ... and {len(unreadable) - MAX_LISTED} more", file=sys.stderr)
 
 
-def save_single_picture(results, run_dir: Path, show: bool) -> None:
+def draw_safely(draw: Callable[..., None], *args: object) -> None:
+    """Pictures come after the result files: a failure drawing them (a file changed meanwhile,
+    a codec or font problem) is a warning, never a lost run."""
+    try:
+        draw(*args)
+    except Exception as error:  # any drawing failure; the predictions are already saved
+        print(f"warning: pictures not drawn: {type(error).__name__}: {error}", file=sys.stderr)
+
+
+def save_single_picture(results: Predictions, run_dir: Path, show: bool) -> None:
     from utils.data import read_rgb
     from utils.visualize import annotate, caption_lines, save_rgb
 
@@ -231,7 +250,7 @@ def save_single_picture(results, run_dir: Path, show: bool) -> None:
         show_picture(picture, saved)
 
 
-def save_grids(results, run_dir: Path, count: int, seed: int, show: bool) -> None:
+def save_grids(results: Predictions, run_dir: Path, count: int, seed: int, show: bool) -> None:
     """samples.png: `count` random readable images; worst_mistakes.png: the most confident errors."""
     if count == 0:
         return
@@ -247,7 +266,7 @@ def save_grids(results, run_dir: Path, count: int, seed: int, show: bool) -> Non
         show_picture(samples, run_dir / "samples.png")
 
 
-def draw_grid(results, indices: list[int], path: Path):
+def draw_grid(results: Predictions, indices: list[int], path: Path) -> np.ndarray:
     from utils.data import read_rgb
     from utils.visualize import caption_colour, caption_lines, prediction_grid, save_rgb
 
@@ -264,18 +283,12 @@ def draw_grid(results, indices: list[int], path: Path):
     return grid
 
 
-def show_picture(picture, saved: Path) -> None:
+def show_picture(picture: np.ndarray, saved: Path) -> None:
     from utils.visualize import show_image
 
     why_not = show_image(picture, saved.name)
     if why_not:
         print(f"note: --show: {why_not}; the picture is saved as {saved}")
-
-
-def output_listing(run_dir: Path) -> str:
-    from utils.results import output_listing as listing
-
-    return listing(run_dir)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

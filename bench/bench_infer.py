@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as temp:
         folder = Path(temp)
         paths = make_photos(folder, args.images, tuple(args.image_size))
-        loop_paths = paths[: 8 if args.quick else len(paths) // 3]  # the loop is slow; its rate is per image
+        loop_paths = paths[: 4 if args.quick else len(paths) // 3]  # the loop is slow; its rate is per image
         checkpoint = make_checkpoint(folder / "random.pth", args.model, args.input_shape)
         predictor = Predictor.from_checkpoint(str(checkpoint), device="cpu")
         run_loop(predictor, paths[:4])  # warm-up: first-call allocations and kernel selection
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if workers:  # shows what batching alone gives, before parallel decoding
             variants[f"batched, batch {args.batch_size}, 0 workers"] = \
                 lambda: run_batched(predictor, paths, args.batch_size, 0)
-        variants[f"batched, batch {args.batch_size}, {workers} workers (infer.py)"] = \
+        variants[f"batched, batch {args.batch_size}, {workers} worker{'' if workers == 1 else 's'} (infer.py)"] = \
             lambda: run_batched(predictor, paths, args.batch_size, workers)
         rates: dict[str, list[float]] = {name: [] for name in variants}
         names = list(variants)

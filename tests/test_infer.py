@@ -337,6 +337,7 @@ def test_flags_notes_and_labelled_tree_detection(weights, digits_root, tmp_path,
     assert "folder(s) holiday in" in out and "are not classes of the checkpoint" in out
 
 
+@pytest.mark.slow
 def test_bench_quick_prints_the_table():
     result = run_script("bench/bench_infer.py", "--quick", cwd=REPO)
     assert result.returncode == 0, result.stderr
