@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     resume = resolve_resume(args, parser)
     seed_everything(args.seed, args.deterministic)
-    device = init_distributed(args.device, args.dist_backend, args.dist_timeout)  # torchrun: joins the other ranks
+    device = init_distributed(args.device, args.dist_backend, args.dist_timeout, args.sync_bn)  # torchrun: join the ranks
     main_process = is_main_process()  # under torchrun only rank 0 writes files and prints
 
     # ---- data -------------------------------------------------------------------------------

@@ -98,19 +98,24 @@ def is_main_process() -> bool:
 
 # ---- set-up and tear-down -----------------------------------------------------------------
 
-def init_distributed(device_name: str = "auto", backend: str = "auto",
-                     timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
+def init_distributed(device_name: str = "auto", backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S,
+                     sync_bn: bool = False) -> torch.device:
     """Pick this process's device and, under torchrun, join the process group.
 
     Without torchrun this is `select_device(device_name)`. Under torchrun on CUDA each process
     takes the GPU cuda:LOCAL_RANK; the backend is nccl on CUDA and gloo on CPU unless
-    `backend` names one. `timeout_s` bounds every wait for the other ranks.
+    `backend` names one. `timeout_s` bounds every wait for the other ranks. `sync_bn` is
+    only checked here (it needs torchrun and CUDA), before any time goes into data or model.
     """
     if not launched_by_torchrun():
+        if sync_bn:
+            raise UsageError("--sync_bn needs several processes: start train.py with torchrun (see README)")
         return select_device(device_name)
     if timeout_s <= 0:
         raise UsageError(f"--dist_timeout must be a positive number of seconds, got {timeout_s}")
     device = _device_for_local_rank(device_name, int(os.environ["LOCAL_RANK"]))
+    if sync_bn and device.type != "cuda":
+        raise UsageError("--sync_bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)")
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
@@ -306,10 +311,11 @@ def wrap_for_training(model: nn.Module, device: torch.device, compile_model: boo
     Under torchrun the first is DistributedDataParallel around `model` (which syncs the
     initial weights from rank 0 and averages gradients). Evaluation uses the plain model:
     DDP's forward syncs buffers with the other ranks, and evaluation shards may hold
-    different numbers of batches. `sync_bn` first turns BatchNorm into SyncBatchNorm.
+    different numbers of batches. `sync_bn` first turns BatchNorm into SyncBatchNorm
+    (init_distributed has checked that it can run here).
     """
     if sync_bn:
-        _convert_sync_batchnorm(model, device)
+        _convert_sync_batchnorm(model)
     eval_model = torch.compile(model) if compile_model else model
     if not is_distributed():
         return eval_model, eval_model
@@ -317,11 +323,7 @@ def wrap_for_training(model: nn.Module, device: torch.device, compile_model: boo
     return (torch.compile(ddp_model) if compile_model else ddp_model), eval_model
 
 
-def _convert_sync_batchnorm(model: nn.Module, device: torch.device) -> None:
-    if not is_distributed():
-        raise UsageError("--sync_bn needs several processes: start train.py with torchrun (see README)")
-    if device.type != "cuda":
-        raise UsageError("--sync_bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation)")
+def _convert_sync_batchnorm(model: nn.Module) -> None:
     # Child by child, so `model` itself stays the object the optimizer and checkpoints refer to.
     for name, child in model.named_children():
         setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
