@@ -20,13 +20,21 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from models.pretrained import (
+    DEFAULT_WEIGHTS_DIR,
+    MIRROR_ENV,
+    format_load_report,
+    head_parameter_names,
+    load_matching_weights,
+    resolve_pretrained,
+    set_backbone_trainable,
+    weights_build_kwargs,
+)
 from models.registry import check_input_size, check_model_name, create_model, format_model_list
 from utils.checkpoint import (
     CHECKPOINT_FORMAT,
     capture_rng_state,
-    format_load_report,
     load_checkpoint,
-    load_matching_weights,
     restore_rng_state,
     save_checkpoint,
     timestamp,
@@ -42,9 +50,9 @@ from utils.distributed import (
     add_distributed_args,
     begin_epoch,
     check_same_on_all_ranks,
-    cleanup_distributed,
     describe_scale,
     eval_sampler,
+    follow_unfreeze,
     init_distributed,
     is_main_process,
     on_main_process,
@@ -106,11 +114,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="resnet18", help="registry name (see --list_models)")
     model.add_argument("--list_models", "--list-models", action="store_true", help="print the available models and exit")
+    model.add_argument("--pretrained", nargs="?", const="DEFAULT", default=None, metavar="WEIGHTS",
+                       help="start from ImageNet weights (torchvision's DEFAULT, a variant such as IMAGENET1K_V1, "
+                            "or a .pth file); the head is re-created for the dataset's classes")
     model.add_argument("--weights", default=None,
                        help="start from this checkpoint or bare state_dict (fine-tuning); layers that do not fit are reported")
+    model.add_argument("--weights_dir", "--weights-dir", default=str(DEFAULT_WEIGHTS_DIR),
+                       help="where downloaded ImageNet weights are cached")
+    model.add_argument("--weights_mirror", "--weights-mirror", default=None,
+                       help=f"base URL of a mirror of download.pytorch.org (or env {MIRROR_ENV})")
+    model.add_argument("--freeze_backbone", "--freeze-backbone", action="store_true",
+                       help="train only the classifier head (linear probe)")
+    model.add_argument("--unfreeze_epoch", "--unfreeze-epoch", type=int, default=0,
+                       help="with --freeze_backbone: train the whole model from this epoch on (0: never)")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=30)
+    optim.add_argument("--epochs", type=int, default=None, help="default 30 (10 for the digits demo)")
     optim.add_argument("--batch_size", "--batch-size", type=int, default=32)
     optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     optim.add_argument("--optimizer_type", "--optimizer-type", choices=OPTIMIZERS, default="adamw")
@@ -159,18 +178,22 @@ def main(argv: list[str] | None = None) -> dict:
     if args.list_models:
         print(format_model_list())
         return {}
+    check_args(args)
     resume = resolve_resume(args, parser)
     seed_everything(args.seed, args.deterministic)
-    device = init_distributed(args.device, args.dist_backend, args.dist_timeout, args.sync_bn)  # torchrun: join the ranks
+    device = init_distributed(args.device, args.dist_backend, args.dist_timeout, args.sync_bn)  # torchrun: join (left at exit)
     main_process = is_main_process()  # under torchrun only rank 0 writes files and prints
 
     # ---- data -------------------------------------------------------------------------------
     if args.dataset_path is None:
-        print(f"No --dataset_path: using the built-in demo, scikit-learn's handwritten digits in {DEMO_DIR}")
+        if not args.quiet and main_process:
+            print(f"No --dataset_path: using the built-in demo, scikit-learn's handwritten digits in {DEMO_DIR}")
         args.dataset_path = str(on_main_process(make_digits_dataset))
         args.input_shape = args.input_shape or [32]
+        args.epochs = args.epochs or 10
         args.hflip = 0.0  # a mirrored digit is another digit
         args.crop_scale = max(args.crop_scale, 0.5)  # 32-pixel digits: small crops lose the digit
+    args.epochs = args.epochs or 30
     scan = scan_dataset(args.dataset_path, args.val_ratio, args.test_ratio, args.seed)
     class_names = scan.class_names
     check_same_on_all_ranks((class_names, {split: len(samples) for split, samples in scan.splits.items()}),
@@ -179,10 +202,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError(f"--num_classes {args.num_classes} disagrees with the dataset, which has "
                          f"{len(class_names)} classes ({', '.join(class_names[:10])}...); drop the flag or fix the data")
     check_model_name(args.model)
-    preprocess = Preprocess(input_size=parse_input_shape(args.input_shape or [224]), resize_mode=args.resize_mode)
+    pretrained_state, pretrained_info = None, None
+    if args.pretrained is not None and not resume:
+        # rank 0 fetches (one download), every rank gets the weights
+        pretrained_state, pretrained_info = on_main_process(resolve_pretrained, args.pretrained, args.model,
+                                                            args.weights_dir, args.weights_mirror)
+    preprocess = make_preprocess(args, pretrained_info)
     check_input_size(args.model, preprocess.input_size)
+    model_kwargs = weights_build_kwargs(args.model) if pretrained_info and pretrained_info["recipe"] else {}
     if resume:
         preprocess = Preprocess.from_dict(resume["preprocess"])
+        pretrained_info, model_kwargs = resume.get("pretrained"), resume.get("model_kwargs") or {}
         if resume["class_names"] != class_names:
             raise UsageError(f"the classes in {args.dataset_path} differ from those of the checkpoint being resumed")
 
@@ -207,12 +237,18 @@ def main(argv: list[str] | None = None) -> dict:
                     for split, dataset in eval_sets.items()}
 
     # ---- model ------------------------------------------------------------------------------
-    model = create_model(args.model, len(class_names), tuple(preprocess.input_size))
+    model = create_model(args.model, len(class_names), tuple(preprocess.input_size), **model_kwargs)
     if main_process:
         log.info(describe_model(model, args.model, preprocess, run_dir))
-    if args.weights and not resume:
-        source = load_checkpoint(args.weights)
-        log.info(format_load_report(load_matching_weights(model, source["state_dict"]), args.weights))
+    head_names: list[str] = []  # what did not fit (the new head) stays trainable under --freeze_backbone
+    for source, state in [] if resume else starting_weights(args, pretrained_state, pretrained_info):
+        report = load_matching_weights(model, state)
+        log.info(f"{source}: {format_load_report(report)}")
+        head_names = head_parameter_names(model, report["reinitialised"])
+    if args.freeze_backbone:
+        trainable, total = set_backbone_trainable(model, False, head_names or head_parameter_names(model))
+        log.info(f"--freeze_backbone: training {trainable:,} of {total:,} parameters (the head)"
+                 + (f" until epoch {args.unfreeze_epoch}" if args.unfreeze_epoch else ""))
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -248,7 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
             "format": CHECKPOINT_FORMAT, "model": args.model, "class_names": class_names,
             "state_dict": unwrap_model(model).state_dict(), "preprocess": preprocess.to_dict(),
             "epoch": epoch, "metrics": metrics, "best_metric": best, "args": plain_args(args),
-            "versions": versions(), "created": timestamp(), "pretrained": None,
+            "versions": versions(), "created": timestamp(), "pretrained": pretrained_info,
+            "model_kwargs": model_kwargs,
         }
         if resumable:
             state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
@@ -265,6 +302,9 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for epoch in range(start_epoch + 1, args.epochs + 1):
             begin_epoch(train_loader, args.seed, epoch)  # seeds shuffling/augmentation (per rank under torchrun)
+            if args.freeze_backbone and args.unfreeze_epoch and epoch >= args.unfreeze_epoch:
+                set_backbone_trainable(model, True, [])  # the optimizer already holds every parameter
+                train_model = follow_unfreeze(train_model, model, device, args.compile)  # DDP: sync those too
             train_stats = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler, settings, scaler,
                                           args.accum_steps, args.grad_clip, f"epoch {epoch}/{args.epochs}", show_progress)
             val = evaluate(eval_model, eval_loaders["val"], eval_criterion, settings, len(class_names), "val", show_progress)
@@ -298,9 +338,46 @@ def main(argv: list[str] | None = None) -> dict:
         if board:
             board.close()
 
-    results = final_report(run_dir, model, eval_loaders, eval_criterion, settings, class_names, log, show_progress)
-    cleanup_distributed()
-    return results
+    return final_report(run_dir, model, eval_loaders, eval_criterion, settings, class_names, log, show_progress)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Numbers out of range are user errors, named by their flag."""
+    positive = {"--batch_size": args.batch_size, "--lr": args.lr, "--accum_steps": args.accum_steps}
+    if args.epochs is not None:
+        positive["--epochs"] = args.epochs
+    for flag, value in positive.items():
+        if value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    for flag, value in {"--val_ratio": args.val_ratio, "--test_ratio": args.test_ratio, "--hflip": args.hflip,
+                        "--label_smoothing": args.label_smoothing}.items():
+        if not 0 <= value < 1 and not (flag == "--hflip" and value == 1):
+            raise UsageError(f"{flag} must be between 0 and 1, got {value}")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    if not 0 < args.crop_scale <= 1:
+        raise UsageError(f"--crop_scale must be in (0, 1], got {args.crop_scale}")
+
+
+def make_preprocess(args: argparse.Namespace, pretrained_info: dict | None) -> Preprocess:
+    """Input size and resize from the flags; with ImageNet weights, their own recipe where not given."""
+    recipe = (pretrained_info or {}).get("recipe")
+    if not recipe:
+        return Preprocess(input_size=parse_input_shape(args.input_shape or [224]), resize_mode=args.resize_mode)
+    input_size = parse_input_shape(args.input_shape) if args.input_shape else recipe["input_size"]
+    return Preprocess(input_size=input_size, resize_mode=args.resize_mode, crop_pct=recipe["crop_pct"],
+                      mean=list(recipe["mean"]), std=list(recipe["std"]), interpolation=recipe["interpolation"])
+
+
+def starting_weights(args: argparse.Namespace, pretrained_state: dict | None,
+                     pretrained_info: dict | None) -> list[tuple[str, dict]]:
+    """(source, state_dict) to load before training: --pretrained, then --weights on top."""
+    found = []
+    if pretrained_state is not None:
+        found.append((pretrained_info["file"], pretrained_state))
+    if args.weights:
+        found.append((args.weights, load_checkpoint(args.weights)["state_dict"]))
+    return found
 
 
 def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict | None:

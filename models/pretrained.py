@@ -20,11 +20,9 @@ weights_build_kwargs, head_parameter_names, set_backbone_trainable, set_frozen_n
 from __future__ import annotations
 
 import argparse
-import difflib
 import hashlib
 import http.client
 import os
-import pickle
 import re
 import sys
 import urllib.error
@@ -43,6 +41,8 @@ import torch.nn as nn
 import torchvision
 from tqdm import tqdm
 
+from models.registry import MODEL_CLASSES, check_model_name
+from utils.checkpoint import load_checkpoint
 from utils.cli import run_cli
 from utils.errors import UsageError
 
@@ -55,7 +55,6 @@ _CHUNK = 1 << 20
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{6,64})\.\w+$")
 _DEFAULT_NAMES = ("", "DEFAULT", "IMAGENET")
 _HEAD_NAMES = ("fc", "classifier", "heads", "head")  # torchvision's names for the classifier module
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DataParallel/DDP and by torch.compile
 # Old DenseNet files name layers "norm.1"; torchvision renames them in its builder, not in the model.
 _DENSENET_OLD_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
@@ -99,18 +98,8 @@ class WeightsEntry:
 
 
 def available_model_names() -> list[str]:
-    """Every model name train.py accepts (on merge: point this at models.registry.MODEL_CLASSES)."""
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def check_model_name(name: str) -> None:
-    """Raise a did-you-mean WeightsError for a name that is not a model."""
-    names = available_model_names()
-    if name in names:
-        return
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise WeightsError(f"unknown model {name!r}.{hint} (python -m models.pretrained --list shows all)")
+    """Every model name train.py accepts."""
+    return list(MODEL_CLASSES)
 
 
 def _weights_enum(model_name: str):
@@ -371,68 +360,19 @@ def fetch_weights(url: str, weights_dir: PathLike = DEFAULT_WEIGHTS_DIR, hash_pr
 # --- reading a weights file ------------------------------------------------------------------------
 
 
-def _is_state_dict(obj: object) -> bool:
-    return (isinstance(obj, Mapping) and len(obj) > 0
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
-
-
-def _find_state_dict(obj: object) -> Optional[Mapping]:
-    if _is_state_dict(obj):
-        return obj
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model_state_dict", "model"):
-            if _is_state_dict(obj.get(key)):
-                return obj[key]
-    return None
-
-
-def _strip_wrappers(key: str) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
-    return key
-
-
 def _clean_key(key: str) -> str:
-    key = _strip_wrappers(key)
     match = _DENSENET_OLD_KEY.match(key)
     return match.group(1) + match.group(2) if match else key
 
 
-def _normalise_keys(state: Mapping) -> OrderedDict:
-    """Keys as the bare model names them; the per-module `_metadata` (versions) is kept along."""
-    cleaned = OrderedDict((_clean_key(k), v) for k, v in state.items())
-    metadata = getattr(state, "_metadata", None)
-    if metadata is not None:  # its keys are module paths without the trailing dot ("module" = root)
-        cleaned._metadata = OrderedDict((_strip_wrappers(k + ".")[:-1], v) for k, v in metadata.items())
-    return cleaned
-
-
-def _load_error(path: PathLike, error: Exception) -> WeightsError:
-    unsafe = re.search(r"GLOBAL (\S+)", str(error))
-    if isinstance(error, pickle.UnpicklingError) and unsafe:
-        return WeightsError(
-            f"{path} holds a {unsafe.group(1)} object, so it is not loaded (weights_only=True runs no code "
-            "from files): re-save it as a plain state_dict or a dict of tensors and plain data"
-        )
-    return WeightsError(f"{path} is not a readable PyTorch weights file (truncated or damaged?)")
-
-
 def load_state_dict_file(path: PathLike) -> OrderedDict:
-    """The state_dict in a .pth file: a bare one, or a checkpoint dict holding it under "state_dict"
-    (or "model_state_dict" / "model"). Loaded with weights_only=True; "module."/"_orig_mod."
-    prefixes are stripped and old DenseNet key names renamed."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        raise _load_error(path, error) from None
-    state = _find_state_dict(obj)
-    if state is None:
-        raise WeightsError(f"{path} holds no state_dict (a dict of tensors, or a checkpoint with 'state_dict')")
-    return _normalise_keys(state)
+    """The state_dict in a .pth file (bare, or inside a checkpoint), read by the project's one
+    checkpoint reader (weights_only=True, wrapper prefixes stripped); old DenseNet key names renamed."""
+    state = load_checkpoint(path)["state_dict"]
+    renamed = OrderedDict((_clean_key(k), v) for k, v in state.items())
+    if hasattr(state, "_metadata"):
+        renamed._metadata = state._metadata
+    return renamed
 
 
 def _looks_like_path(spec: str) -> bool:

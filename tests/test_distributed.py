@@ -128,6 +128,48 @@ def test_a_hung_rank_makes_the_others_give_up_after_the_timeout(small_digits, tm
     assert "error: [rank 0] lost contact with the other training processes" in result.stderr
 
 
+UNFREEZE_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from utils.distributed import follow_unfreeze, get_rank, init_distributed, wrap_for_training
+
+device = init_distributed("cpu")
+for follow in (False, True):
+    torch.manual_seed(get_rank())  # other initial weights on each rank: DDP must sync them
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model[0].requires_grad_(False)  # --freeze_backbone
+    train_model, _ = wrap_for_training(model, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for epoch in (1, 2):
+        if epoch == 2:  # --unfreeze_epoch 2
+            model[0].requires_grad_(True)
+            if follow:
+                train_model = follow_unfreeze(train_model, model, device)
+        train_model(torch.randn(8, 4) + get_rank()).square().sum().backward()  # each rank its own batch
+        optimizer.step()
+        optimizer.zero_grad()
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.zeros_like(weights) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, weights)
+    same = all(torch.equal(gathered[0], other) for other in gathered)
+    print(f"follow_unfreeze={follow}: ranks {'in sync' if same else 'drifted'}")
+"""  # no destroy_process_group(): init_distributed leaves the group at exit, as in train.py
+
+
+def test_unfreezing_under_ddp_keeps_the_ranks_in_sync(tmp_path):
+    script = tmp_path / "unfreeze.py"
+    script.write_text(UNFREEZE_SCRIPT, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        cwd=REPO, capture_output=True, text=True, encoding="utf-8", timeout=LAUNCH_TIMEOUT_S,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "follow_unfreeze=False: ranks drifted" in result.stdout  # what DDP alone does: the test can see it
+    assert "follow_unfreeze=True: ranks in sync" in result.stdout
+
+
 @pytest.mark.parametrize("num_samples", [0, 1, 2, 7, 49, 50])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 8])
 def test_shard_sampler_covers_each_sample_exactly_once(num_samples, world_size):

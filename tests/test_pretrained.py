@@ -36,6 +36,7 @@ from models.pretrained import (
     weights_entry,
 )
 from utils.cli import run_cli
+from utils.errors import UsageError
 
 OFFICIAL = "https://download.pytorch.org/models"
 
@@ -150,7 +151,7 @@ def test_variant_names_and_errors():
     assert weights_entry("resnet50", "DEFAULT").weights == "ResNet50_Weights.IMAGENET1K_V2"
     with pytest.raises(WeightsError, match="choose one of DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2"):
         weights_entry("resnet50", "V3")
-    with pytest.raises(WeightsError, match="Did you mean: resnet50"):
+    with pytest.raises(UsageError, match="Did you mean: resnet50"):
         weights_entry("resnet5O")
     assert pretrained.weights_build_kwargs("googlenet") == {"transform_input": True}
     assert pretrained.weights_build_kwargs("resnet18") == {}
@@ -329,21 +330,22 @@ def test_resolve_user_file_errors(tmp_path):
     with pytest.raises(WeightsError, match="no such file"):
         resolve_pretrained(str(tmp_path / "missing.pth"), "resnet18")
     (tmp_path / "broken.pth").write_bytes(b"not a torch file")
-    with pytest.raises(WeightsError, match="not a readable PyTorch weights file"):
+    with pytest.raises(UsageError, match="not a readable PyTorch checkpoint"):
         resolve_pretrained(str(tmp_path / "broken.pth"), "resnet18")
     torch.save({"state_dict": {"w": torch.ones(1)}, "opt": torch.optim.SGD}, tmp_path / "unsafe.pth")
-    with pytest.raises(WeightsError, match="weights_only"):
+    with pytest.raises(UsageError, match="weights_only"):
         resolve_pretrained(str(tmp_path / "unsafe.pth"), "resnet18")
     torch.save({"epoch": 1}, tmp_path / "empty.pth")
-    with pytest.raises(WeightsError, match="holds no state_dict"):
+    with pytest.raises(UsageError, match="neither a pytorch-classification checkpoint nor a state_dict"):
         resolve_pretrained(str(tmp_path / "empty.pth"), "resnet18")
 
 
-def test_key_normalisation():
+def test_key_normalisation(tmp_path):
     state = torch.nn.Module().state_dict()
     state.update({"module._orig_mod.features.denseblock1.denselayer1.norm.1.weight": torch.ones(1)})
     state._metadata = {"module": {"version": 2}, "module._orig_mod.features": {"version": 1}}
-    cleaned = pretrained._normalise_keys(state)
+    torch.save(state, tmp_path / "old.pth")
+    cleaned = pretrained.load_state_dict_file(tmp_path / "old.pth")
     assert list(cleaned) == ["features.denseblock1.denselayer1.norm1.weight"]
     assert dict(cleaned._metadata) == {"": {"version": 2}, "features": {"version": 1}}
 
@@ -471,7 +473,7 @@ def test_cli_downloads_then_reuses(mirror, tmp_path, monkeypatch, capsys):
 
 def test_cli_user_errors_are_one_line(tmp_path, closed_url, monkeypatch, capsys):
     assert run_main(["resnt50"]) == 2
-    assert capsys.readouterr().err.startswith("error: unknown model 'resnt50'. Did you mean: resnet50")
+    assert capsys.readouterr().err.startswith("error: unknown --model 'resnt50'. Did you mean: resnet50")
     monkeypatch.setenv(MIRROR_ENV, closed_url)
     assert run_main(["resnet18", "--dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -20,7 +20,10 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import tempfile
+from collections import OrderedDict
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -64,30 +67,56 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         loaded = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
+        unsafe = re.search(r"GLOBAL (\S+)", str(error))
+        if not unsafe:
+            raise UsageError(f"{path} is not a readable PyTorch checkpoint (truncated or damaged?)") from None
         raise UsageError(
-            f"{path} cannot be loaded safely (weights_only=True refused it: {str(error).splitlines()[0]}). "
-            "Only tensors and plain Python values are accepted in a checkpoint."
+            f"{path} holds a {unsafe.group(1)} object, so it is not loaded (weights_only=True runs no code "
+            "from files): re-save it as a plain state_dict or a dict of tensors and plain data"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UsageError(f"{path} is not a readable PyTorch checkpoint ({str(error).splitlines()[0]})") from None
-    if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
-        checkpoint = dict(loaded)
-    elif isinstance(loaded, dict) and loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        checkpoint = {"state_dict": loaded}
-    else:
+    except Exception:  # torch.load raises many types on garbage (KeyError, RuntimeError, EOFError...)
+        raise UsageError(f"{path} is not a readable PyTorch checkpoint (truncated or damaged?)") from None
+    state_dict = _find_state_dict(loaded)
+    if state_dict is None:
         raise UsageError(f"{path} holds neither a pytorch-classification checkpoint nor a state_dict")
-    checkpoint["state_dict"] = strip_wrapper_prefixes(checkpoint["state_dict"])
+    checkpoint = dict(loaded) if state_dict is not loaded else {}
+    checkpoint["state_dict"] = strip_wrapper_prefixes(state_dict)
     return checkpoint
 
 
-def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove the "module." (DDP) and "_orig_mod." (torch.compile) prefixes from keys."""
-    cleaned = {}
-    for key, value in state_dict.items():
+def _is_state_dict(obj: object) -> bool:
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+
+
+def _find_state_dict(obj: object) -> Optional[Mapping]:
+    """A bare state_dict, or the one a checkpoint dict holds (ours: "state_dict"; others' names too)."""
+    if _is_state_dict(obj):
+        return obj
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if _is_state_dict(obj.get(key)):
+                return obj[key]
+    return None
+
+
+def strip_wrapper_prefix(key: str) -> str:
+    """"module.layer.weight" (DDP) or "_orig_mod.layer.weight" (torch.compile) -> "layer.weight"."""
+    stripped = True
+    while stripped:
+        stripped = False
         for prefix in _WRAPPER_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        cleaned[key] = value
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> OrderedDict:
+    """The state_dict with bare-model key names; torchvision's per-module `_metadata` kept along."""
+    cleaned = OrderedDict((strip_wrapper_prefix(k), v) for k, v in state_dict.items())
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:  # its keys are module paths without the trailing dot ("" = root)
+        cleaned._metadata = OrderedDict((strip_wrapper_prefix(k + ".")[:-1], v) for k, v in metadata.items())
     return cleaned
 
 
@@ -100,39 +129,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-def load_matching_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, list[str]]:
-    """Copy every tensor whose name and shape fit; report the rest instead of failing.
-
-    Used for fine-tuning (`--weights`, `--pretrained`): a head with another class count does
-    not fit and keeps its fresh initialisation.
-    """
-    own = model.state_dict()
-    state_dict = strip_wrapper_prefixes(state_dict)
-    fitting = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(fitting, strict=False)
-    return {
-        "loaded": [k for k in own if k in fitting],
-        "reinitialised": [k for k in own if k not in fitting],
-        "unexpected": [k for k in state_dict if k not in own],
-        "shape_mismatch": [k for k in state_dict if k in own and k not in fitting],
-    }
-
-
-def format_load_report(report: dict[str, list[str]], source: str) -> str:
-    """One short paragraph: how much of `source` was loaded, and what was not."""
-    lines = [f"Loaded {len(report['loaded'])} tensors from {source}."]
-    if report["reinitialised"]:
-        lines.append(f"  newly initialised ({len(report['reinitialised'])}): {_short(report['reinitialised'])}")
-    if report["unexpected"]:
-        lines.append(f"  not used from the file ({len(report['unexpected'])}): {_short(report['unexpected'])}")
-    return "\n".join(lines)
-
-
-def _short(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

@@ -17,7 +17,9 @@ rank stuck waiting for a dead or hung peer gives up after --dist_timeout seconds
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import gc
 import math
 import os
 import re
@@ -124,6 +126,7 @@ def init_distributed(device_name: str = "auto", backend: str = "auto", timeout_s
         torch.cuda.set_device(device)
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
+    atexit.register(cleanup_distributed)
     return device
 
 
@@ -150,9 +153,16 @@ def barrier() -> None:
 
 
 def cleanup_distributed() -> None:
-    """Leave the process group at the end of a run (no-op in one process)."""
-    if is_distributed():
-        dist.destroy_process_group()
+    """Leave the process group (no-op in one process); init_distributed registers it to run at exit.
+
+    DDP wrappers hold the process group: they are collected first, else gloo's threads can
+    outlive the interpreter and abort the process ("terminate called without an active
+    exception") after a successful run.
+    """
+    if not is_distributed():
+        return
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def describe_peer_failure(error: BaseException) -> Optional[str]:
@@ -319,8 +329,33 @@ def wrap_for_training(model: nn.Module, device: torch.device, compile_model: boo
     eval_model = torch.compile(model) if compile_model else model
     if not is_distributed():
         return eval_model, eval_model
+    return _wrap_ddp(model, device, compile_model), eval_model
+
+
+def follow_unfreeze(train_model: nn.Module, model: nn.Module, device: torch.device,
+                    compile_model: bool = False) -> nn.Module:
+    """`train_model`, or a new DDP wrapper if more parameters train than when it was built.
+
+    DDP averages the gradients of the parameters that were trainable when it was made; after
+    --unfreeze_epoch the others would train on each rank's own gradients and the ranks drift
+    apart. Cheap to call every epoch: it rebuilds only when the trainable set grew.
+    """
+    ddp_model = getattr(train_model, "_orig_mod", train_model)  # inside torch.compile
+    if not isinstance(ddp_model, nn.parallel.DistributedDataParallel):
+        return train_model
+    if ddp_model.trainable_when_wrapped == _count_trainable(model):
+        return train_model
+    return _wrap_ddp(model, device, compile_model)
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device, compile_model: bool) -> nn.Module:
     ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return (torch.compile(ddp_model) if compile_model else ddp_model), eval_model
+    ddp_model.trainable_when_wrapped = _count_trainable(model)  # for follow_unfreeze
+    return torch.compile(ddp_model) if compile_model else ddp_model
+
+
+def _count_trainable(model: nn.Module) -> int:
+    return sum(1 for param in model.parameters() if param.requires_grad)
 
 
 def _convert_sync_batchnorm(model: nn.Module) -> None:

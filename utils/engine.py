@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from models.pretrained import set_frozen_norm_eval
 from utils.distributed import broadcast_buffers, gradient_sync, sum_over_ranks
 from utils.metrics import ClassificationMetrics
 from utils.transforms import Preprocess, normalize_batch
@@ -81,6 +82,7 @@ def train_one_epoch(
     running means over the epoch's training batches, of all ranks under torchrun).
     """
     model.train()
+    set_frozen_norm_eval(model)  # --freeze_backbone: frozen BatchNorms keep their statistics too
     loss_sum = torch.zeros((), device=settings.device)
     correct = torch.zeros((), device=settings.device, dtype=torch.long)
     seen = 0

@@ -1,0 +1,144 @@
+"""Schedules, optimiser groups, metrics and checkpoints, each checked against known numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from train import inverse_frequency_weights, is_better
+from utils.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    load_model_weights,
+    restore_rng_state,
+    save_checkpoint,
+    strip_wrapper_prefixes,
+)
+from utils.errors import UsageError
+from utils.metrics import ClassificationMetrics, per_class_rows
+from utils.optim import create_optimizer, create_scheduler, parameter_groups
+
+
+def _lrs(schedule: str, epochs: int, iters: int, **kwargs) -> list[float]:
+    """The lr used at each optimizer step over the whole run."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = create_scheduler(optimizer, schedule, epochs, iters, **kwargs)
+    seen = []
+    for _ in range(epochs * iters):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return seen
+
+
+def test_cosine_is_sized_in_iterations():
+    lrs = _lrs("cos", epochs=2, iters=5)
+    assert lrs[0] == pytest.approx(1.0)
+    assert lrs[5] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 10)))  # half way through
+    assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 9 / 10)))
+
+
+def test_warmup_is_linear_then_cosine():
+    lrs = _lrs("warmup", epochs=4, iters=5, warmup_epochs=1)
+    assert lrs[:5] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6])
+    assert lrs[5] == pytest.approx(1.0)
+    assert lrs[5 + 7] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 15)))
+
+
+def test_step_and_multistep_decay_at_epoch_boundaries():
+    lrs = _lrs("step", epochs=4, iters=3, step_size=2, gamma=0.1)
+    assert lrs[5] == pytest.approx(1.0) and lrs[6] == pytest.approx(0.1)
+    lrs = _lrs("multistep", epochs=4, iters=3, milestones=[1, 3], gamma=0.5)
+    assert [lrs[2], lrs[3], lrs[8], lrs[9]] == pytest.approx([1.0, 0.5, 0.5, 0.25])
+    with pytest.raises(UsageError, match="--milestones"):
+        _lrs("multistep", epochs=1, iters=1)
+
+
+def test_no_weight_decay_on_norm_and_bias():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2))
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert {p.ndim for p in decay["params"]} == {4, 2} and decay["weight_decay"] == 0.1
+    assert {p.ndim for p in no_decay["params"]} == {1} and no_decay["weight_decay"] == 0.0
+    assert isinstance(create_optimizer(model, "sgd", 0.1), torch.optim.SGD)
+    assert isinstance(create_optimizer(model, "adamw", 0.1), torch.optim.AdamW)
+
+
+def test_metrics_equal_a_hand_computation_over_the_whole_split():
+    metrics = ClassificationMetrics(num_classes=3)
+    # two batches of different sizes: averaging per batch would give another accuracy
+    metrics.update(torch.tensor([[3.0, 0, 0], [0, 3, 0], [0, 3, 0]]), torch.tensor([0, 1, 2]), torch.tensor(0.3))
+    metrics.update(torch.tensor([[0.0, 0, 3]]), torch.tensor([2]), torch.tensor(0.7))
+    result = metrics.compute()
+    assert result["top1"] == pytest.approx(3 / 4)
+    assert result["loss"] == pytest.approx((0.3 * 3 + 0.7) / 4)
+    # per class (truth a, b, c): precision 1, 1/2, 1; recall 1, 1, 1/2
+    assert result["precision"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert result["recall"] == pytest.approx((1 + 1 + 0.5) / 3)
+    f1 = [1.0, 2 * 0.5 / 1.5, 2 * 0.5 / 1.5]
+    assert result["f1"] == pytest.approx(sum(f1) / 3)
+    assert result["confusion"].tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+    rows = per_class_rows(result["confusion"], ["a", "b", "c"])
+    assert [r["support"] for r in rows] == [1, 1, 2] and [r["f1"] for r in rows] == pytest.approx(f1)
+    assert "top5" not in result
+
+
+def test_top5_appears_above_five_classes_and_binary_works():
+    metrics = ClassificationMetrics(num_classes=7)
+    logits = torch.eye(7)[[1, 1]]  # predicts class 1 twice
+    metrics.update(logits, torch.tensor([1, 6]))
+    result = metrics.compute()
+    assert result["top1"] == pytest.approx(0.5) and result["top5"] == pytest.approx(1.0)
+    binary = ClassificationMetrics(num_classes=2)
+    binary.update(torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), torch.tensor([0, 1, 1]))
+    assert binary.compute()["top1"] == pytest.approx(2 / 3)
+
+
+def test_checkpoint_round_trip_is_weights_only_and_atomic(tmp_path):
+    model = nn.Linear(3, 2)
+    path = tmp_path / "ck.pth"
+    save_checkpoint({"format": "x", "state_dict": model.state_dict(), "rng": capture_rng_state()}, path)
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["state_dict"]["weight"], model.weight)
+    # a failed write keeps the previous file
+    with pytest.raises((TypeError, AttributeError, __import__("pickle").PicklingError)):
+        save_checkpoint({"state_dict": model.state_dict(), "bad": lambda: 0}, path)
+    assert load_checkpoint(path)["format"] == "x" and list(tmp_path.iterdir()) == [path]
+
+
+def test_rng_state_restores_exactly():
+    state = capture_rng_state()
+    first = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    restore_rng_state(state)
+    second = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    assert torch.equal(first[0], second[0]) and first[1:] == second[1:]
+
+
+def test_bare_and_wrapped_state_dicts_are_read(tmp_path):
+    model = nn.Linear(3, 2)
+    torch.save({f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}, tmp_path / "bare.pth")
+    loaded = load_checkpoint(tmp_path / "bare.pth")
+    assert "format" not in loaded and set(loaded["state_dict"]) == {"weight", "bias"}
+    assert list(strip_wrapper_prefixes({"module.a": torch.zeros(1)})) == ["a"]
+
+
+def test_checkpoint_errors_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pth")
+    (tmp_path / "text.pth").write_text("hello")
+    with pytest.raises(UsageError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "text.pth")
+    with pytest.raises(UsageError, match="does not fit"):
+        load_model_weights(nn.Linear(3, 5), nn.Linear(3, 2).state_dict(), "other.pth")
+
+
+def test_class_weights_and_best_metric_rules():
+    weights = inverse_frequency_weights([30, 10])
+    assert weights.tolist() == pytest.approx([40 / 60, 40 / 20])
+    best = {"top1": 0.9, "loss": 0.5}
+    assert is_better({"top1": 0.9, "loss": 0.4}, best, "top1")  # tie -> lower loss wins
+    assert not is_better({"top1": 0.9, "loss": 0.6}, best, "top1")
+    assert is_better({"loss": 0.3}, {"loss": 0.5}, "loss")
