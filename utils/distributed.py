@@ -24,7 +24,6 @@ import math
 import os
 import re
 import time
-import traceback
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any, Callable, Optional, TypeVar
@@ -54,11 +53,9 @@ _RANK_SEED_STRIDE = 100_003
 FAIL_RANK_VARIABLE = "TORCH_CLS_FAIL_RANK"
 FAIL_EPOCH_VARIABLE = "TORCH_CLS_FAIL_EPOCH"
 FAIL_MODE_VARIABLE = "TORCH_CLS_FAIL_MODE"
-# How gloo and NCCL word a lost peer: they raise plain RuntimeErrors (not DistError), from a
-# collective called in Python (torch.distributed, DDP's forward) or from DDP's backward hooks.
-_PEER_FAILURE_SIGNS = ("gloo", "nccl", "timeout", "timed out", "connection closed", "connection reset",
-                       "broken pipe", "closed by peer")
-_COLLECTIVE_SOURCES = (os.path.join("torch", "distributed"), os.path.join("torch", "nn", "parallel"))
+# How gloo words a lost peer: a plain RuntimeError (NCCL raises DistBackendError, a DistError).
+_PEER_FAILURE_SIGNS = ("timeout", "timed out", "connection closed", "connection reset", "closed by peer",
+                       "broken pipe")
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
@@ -170,10 +167,7 @@ def describe_peer_failure(error: BaseException) -> Optional[str]:
     if not is_distributed() or not isinstance(error, RuntimeError):
         return None
     text = str(error).strip()
-    in_collective = any(source in frame.filename for frame in traceback.extract_tb(error.__traceback__)
-                        for source in _COLLECTIVE_SOURCES)
-    worded_like_one = any(sign in text.lower() for sign in _PEER_FAILURE_SIGNS)
-    if not (isinstance(error, dist.DistError) or in_collective or worded_like_one):
+    if not isinstance(error, dist.DistError) and not any(sign in text.lower() for sign in _PEER_FAILURE_SIGNS):
         return None
     detail = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(error).__name__)  # drop "[file.cc:12]"
     return (f"lost contact with the other training processes ({detail[:200]}): another rank crashed "
