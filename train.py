@@ -130,9 +130,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=None, help="default 30 (10 for the digits demo)")
-    optim.add_argument("--batch_size", "--batch-size", type=int, default=32)
+    optim.add_argument("--batch_size", "--batch-size", type=int, default=32, help="images per batch")
     optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    optim.add_argument("--optimizer_type", "--optimizer-type", choices=OPTIMIZERS, default="adamw")
+    optim.add_argument("--optimizer_type", "--optimizer-type", choices=OPTIMIZERS, default="adamw",
+                       help="sgd (Nesterov momentum), adam or adamw")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
     optim.add_argument("--weight_decay", "--weight-decay", type=float, default=0.01,
                        help="weight decay (not applied to norm layers and biases)")
@@ -143,7 +144,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     optim.add_argument("--step_size", "--step-size", type=int, default=30, help="step schedule: epochs between decays")
     optim.add_argument("--milestones", type=int, nargs="+", default=[], help="multistep schedule: epochs to decay at")
     optim.add_argument("--gamma", type=float, default=0.1, help="step/multistep decay factor")
-    optim.add_argument("--label_smoothing", "--label-smoothing", type=float, default=0.0)
+    optim.add_argument("--label_smoothing", "--label-smoothing", type=float, default=0.0,
+                       help="cross-entropy label smoothing, e.g. 0.1")
     optim.add_argument("--class_weights", "--class-weights", choices=("none", "auto"), default="none",
                        help="auto: weight the loss by inverse class frequency (imbalanced data)")
     optim.add_argument("--grad_clip", "--grad-clip", type=float, default=0.0, help="clip gradient norm (0: off)")
@@ -164,7 +166,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--resume_training", "--resume-training", default=None,
                      help="continue a run from its last.pth (same run folder); 'auto' = newest run in --log_dir")
     run.add_argument("--resume", dest="resume_training", help="alias of --resume_training")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="seeds shuffling, augmentation and initialisation")
     run.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact resume; slower)")
     run.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (needs tensorboard)")
     run.add_argument("--quiet", action="store_true", help="no console output (train.log still written)")
