@@ -188,6 +188,21 @@ def test_unsplit_tree_with_val_ratio_trains_without_copying(tmp_path):
     assert _tree_digest(tmp_path / "flat") == before
 
 
+def test_tensorboard_channels_last_and_amp_switches(tmp_path):
+    root = make_class_tree(tmp_path / "ds", {"a": 6, "b": 6}, size=24)
+    result = run_script("train.py", "--dataset_path", str(root), *FAST, "--epochs", "1", "--tensorboard",
+                        "--channels_last", "--amp", "--device", "cpu", "--log_dir", str(tmp_path / "logs"))
+    assert result.returncode == 0, result.stderr
+    run_dir = _only_run(tmp_path / "logs")
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    from utils.device import cpu_has_native_bf16
+
+    if cpu_has_native_bf16():
+        assert "precision: torch.bfloat16" in result.stdout
+    else:  # bf16 without hardware support is many times slower than fp32: --amp must not slow training down
+        assert "--amp ignored" in result.stderr and "precision: torch.float32" in result.stdout
+
+
 def test_list_models():
     result = run_script("train.py", "--list_models")
     assert result.returncode == 0

@@ -78,10 +78,12 @@ class History:
     The rows also travel inside last.pth, and a resumed run starts from the checkpoint's rows:
     after a kill at any moment the file holds exactly the epochs the checkpoint has finished,
     no duplicate and no gap. The file is rewritten whole (it is small) and atomically.
+    With run_dir None the rows stay in memory and nothing is written or plotted (the ranks
+    other than 0 under torchrun).
     """
 
-    def __init__(self, run_dir: Path, rows: Optional[list[dict]] = None):
-        self.path = run_dir / "history.csv"
+    def __init__(self, run_dir: Optional[Path], rows: Optional[list[dict]] = None):
+        self.path = run_dir / "history.csv" if run_dir is not None else None
         self.rows: list[dict] = list(rows or [])
         self._write()
 
@@ -91,6 +93,8 @@ class History:
         self._write()
 
     def _write(self) -> None:
+        if self.path is None:
+            return
         temp = self.path.with_suffix(".csv.tmp")
         with open(temp, "w", newline="", encoding="utf-8") as file:
             writer = csv.DictWriter(file, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
@@ -103,7 +107,7 @@ class History:
 
     def plot(self, plot_dir: Path) -> None:
         """loss.png, accuracy.png and lr.png from the rows so far."""
-        if not self.rows:
+        if not self.rows or self.path is None:
             return
         epochs = self.column("epoch")
         for file_name, title, series in (
