@@ -45,7 +45,22 @@ from utils.checkpoint import (
 from utils.cli import run_cli
 from utils.data import ImageDataset, create_dataloader, default_workers, scan_dataset
 from utils.demo import DEMO_DIR, make_digits_dataset
-from utils.device import amp_dtype, default_channels_last, describe_device, select_device
+from utils.device import amp_dtype, default_channels_last, describe_device
+from utils.distributed import (
+    RESUME_OVERRIDABLE_FLAGS,
+    add_distributed_args,
+    begin_epoch,
+    check_same_on_all_ranks,
+    describe_scale,
+    eval_sampler,
+    follow_unfreeze,
+    init_distributed,
+    is_main_process,
+    on_main_process,
+    scaled_lr,
+    train_sampler,
+    wrap_for_training,
+)
 from utils.engine import NonFiniteLossError, StepSettings, evaluate, train_one_epoch
 from utils.errors import UsageError
 from utils.logger import History, TensorBoard, new_run_dir, newest_run_checkpoint, setup_logging, write_json
@@ -56,7 +71,7 @@ from utils.metrics import (
     plot_confusion_matrix,
     write_per_class_csv,
 )
-from utils.optim import OPTIMIZERS, SCHEDULES, create_optimizer, create_scheduler
+from utils.optim import OPTIMIZERS, SCHEDULES, create_optimizer, create_scheduler, restore_schedule
 from utils.transforms import (
     AUGMENTS,
     RESIZE_MODES,
@@ -69,6 +84,7 @@ from utils.transforms import (
 BEST_METRICS = ("top1", "f1", "precision", "recall", "loss")
 # Flags a resumed run may change; everything else comes from the checkpoint so the run continues exactly.
 RESUME_OVERRIDABLE = ("device", "workers", "log_dir", "tensorboard", "quiet", "resume_training", "resume")
+RESUME_OVERRIDABLE += RESUME_OVERRIDABLE_FLAGS
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -120,9 +136,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=None, help="default 30 (10 for the digits demo)")
-    optim.add_argument("--batch_size", "--batch-size", type=int, default=32)
+    optim.add_argument("--batch_size", "--batch-size", type=int, default=32, help="images per batch")
     optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    optim.add_argument("--optimizer_type", "--optimizer-type", choices=OPTIMIZERS, default="adamw")
+    optim.add_argument("--optimizer_type", "--optimizer-type", choices=OPTIMIZERS, default="adamw",
+                       help="sgd (Nesterov momentum), adam or adamw")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
     optim.add_argument("--weight_decay", "--weight-decay", type=float, default=0.01,
                        help="weight decay (not applied to norm layers and biases)")
@@ -133,7 +150,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     optim.add_argument("--step_size", "--step-size", type=int, default=30, help="step schedule: epochs between decays")
     optim.add_argument("--milestones", type=int, nargs="+", default=[], help="multistep schedule: epochs to decay at")
     optim.add_argument("--gamma", type=float, default=0.1, help="step/multistep decay factor")
-    optim.add_argument("--label_smoothing", "--label-smoothing", type=float, default=0.0)
+    optim.add_argument("--label_smoothing", "--label-smoothing", type=float, default=0.0,
+                       help="cross-entropy label smoothing, e.g. 0.1")
     optim.add_argument("--class_weights", "--class-weights", choices=("none", "auto"), default="none",
                        help="auto: weight the loss by inverse class frequency (imbalanced data)")
     optim.add_argument("--grad_clip", "--grad-clip", type=float, default=0.0, help="clip gradient norm (0: off)")
@@ -155,10 +173,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--resume_training", "--resume-training", default=None,
                      help="continue a run from its last.pth (same run folder); 'auto' = newest run in --log_dir")
     run.add_argument("--resume", dest="resume_training", help="alias of --resume_training")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="seeds shuffling, augmentation and initialisation")
     run.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact resume; slower)")
     run.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (needs tensorboard)")
     run.add_argument("--quiet", action="store_true", help="no console output (train.log still written)")
+    add_distributed_args(parser)
     return parser
 
 
@@ -171,13 +190,14 @@ def main(argv: list[str] | None = None) -> dict:
     check_args(args)
     resume = resolve_resume(args, parser)
     seed_everything(args.seed, args.deterministic)
-    device = select_device(args.device)
+    device = init_distributed(args.device, args.dist_backend, args.dist_timeout, args.sync_bn)  # torchrun: join (left at exit)
+    main_process = is_main_process()  # under torchrun only rank 0 writes files and prints
 
     # ---- data -------------------------------------------------------------------------------
     if args.dataset_path is None:
-        if not args.quiet:
+        if not args.quiet and main_process:
             print(f"No --dataset_path: using the built-in demo, scikit-learn's handwritten digits in {DEMO_DIR}")
-        args.dataset_path = str(make_digits_dataset())
+        args.dataset_path = str(on_main_process(make_digits_dataset))
         args.input_shape = args.input_shape or [32]
         args.epochs = args.epochs or 10
         args.hflip = 0.0  # a mirrored digit is another digit
@@ -185,14 +205,17 @@ def main(argv: list[str] | None = None) -> dict:
     args.epochs = args.epochs or 30
     scan = scan_dataset(args.dataset_path, args.val_ratio, args.test_ratio, args.seed)
     class_names = scan.class_names
+    check_same_on_all_ranks((class_names, {split: len(samples) for split, samples in scan.splits.items()}),
+                            f"the dataset at {args.dataset_path}")
     if args.num_classes is not None and args.num_classes != len(class_names):
         raise UsageError(f"--num_classes {args.num_classes} disagrees with the dataset, which has "
                          f"{len(class_names)} classes ({', '.join(class_names[:10])}...); drop the flag or fix the data")
     check_model_name(args.model)
     pretrained_state, pretrained_info = None, None
     if args.pretrained is not None and not resume:
-        pretrained_state, pretrained_info = resolve_pretrained(args.pretrained, args.model, args.weights_dir,
-                                                               args.weights_mirror)
+        # rank 0 fetches (one download), every rank gets the weights
+        pretrained_state, pretrained_info = on_main_process(resolve_pretrained, args.pretrained, args.model,
+                                                            args.weights_dir, args.weights_mirror)
     preprocess = make_preprocess(args, pretrained_info)
     check_input_size(args.model, preprocess.input_size)
     model_kwargs = weights_build_kwargs(args.model) if pretrained_info and pretrained_info["recipe"] else {}
@@ -203,28 +226,32 @@ def main(argv: list[str] | None = None) -> dict:
             raise UsageError(f"the classes in {args.dataset_path} differ from those of the checkpoint being resumed")
 
     # ---- run folder and logging -------------------------------------------------------------
-    run_dir = Path(args.resume_training).parent if resume else new_run_dir(args.log_dir, args.model)
-    log = setup_logging(run_dir, quiet=args.quiet)
+    run_dir = Path(args.resume_training).parent if resume else on_main_process(new_run_dir, args.log_dir, args.model)
+    log = setup_logging(run_dir if main_process else None, quiet=args.quiet or not main_process)
     log.info(f"Run folder: {run_dir}")
     log.info(scan.report())
-    (run_dir / "dataset_report.txt").write_text(scan.report() + "\n", encoding="utf-8")
-    write_json(vars(args), run_dir / "args.json")
+    if main_process:
+        (run_dir / "dataset_report.txt").write_text(scan.report() + "\n", encoding="utf-8")
+        write_json(vars(args), run_dir / "args.json")
 
     workers = default_workers(len(scan.splits["train"])) if args.workers is None else args.workers
     generator = torch.Generator().manual_seed(args.seed)  # reseeded each epoch: exact resume
     train_set = ImageDataset(scan.splits["train"], build_train_transform(
         preprocess, args.augment, args.hflip, args.color_jitter, args.crop_scale))
     eval_transform = build_eval_transform(preprocess)
-    train_loader = create_dataloader(train_set, args.batch_size, True, workers, device, generator)
-    eval_loaders = {split: create_dataloader(ImageDataset(samples, eval_transform), args.batch_size, False, workers, device)
-                    for split, samples in scan.splits.items() if split != "train"}
-    log.info(cache_datasets(args.cache, preprocess, train_loader.dataset, [loader.dataset for loader in eval_loaders.values()],
+    train_loader = create_dataloader(train_set, args.batch_size, True, workers, device, generator,
+                                     sampler=train_sampler(train_set, args.seed))
+    eval_sets = {split: ImageDataset(samples, eval_transform) for split, samples in scan.splits.items() if split != "train"}
+    eval_loaders = {split: create_dataloader(dataset, args.batch_size, False, workers, device, sampler=eval_sampler(dataset))
+                    for split, dataset in eval_sets.items()}
+    log.info(cache_datasets(args.cache, preprocess, train_set, list(eval_sets.values()),
                             resolve_cache_dir(args.cache, args.cache_dir, args.log_dir, args.dataset_path), workers,
-                            show_progress=sys.stderr.isatty() and not args.quiet))
+                            show_progress=sys.stderr.isatty() and not args.quiet and main_process))
 
     # ---- model ------------------------------------------------------------------------------
     model = create_model(args.model, len(class_names), tuple(preprocess.input_size), **model_kwargs)
-    log.info(describe_model(model, args.model, preprocess, run_dir))
+    if main_process:
+        log.info(describe_model(model, args.model, preprocess, run_dir))
     head_names: list[str] = []  # what did not fit (the new head) stays trainable under --freeze_backbone
     for source, state in [] if resume else starting_weights(args, pretrained_state, pretrained_info):
         report = load_matching_weights(model, state)
@@ -239,13 +266,14 @@ def main(argv: list[str] | None = None) -> dict:
         args.channels_last = default_channels_last(device, preprocess.input_size)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    train_model = torch.compile(model) if args.compile else model
+    train_model, eval_model = wrap_for_training(model, device, args.compile, args.sync_bn)  # DDP under torchrun
 
     # ---- loss, optimiser, schedule ----------------------------------------------------------
     class_weight = inverse_frequency_weights(scan.counts("train")).to(device) if args.class_weights == "auto" else None
     criterion = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=args.label_smoothing)
     eval_criterion = nn.CrossEntropyLoss()
-    optimizer = create_optimizer(model, args.optimizer_type, args.lr, args.momentum, args.weight_decay)
+    lr = scaled_lr(args.lr, args.lr_scale)
+    optimizer = create_optimizer(model, args.optimizer_type, lr, args.momentum, args.weight_decay)
     steps_per_epoch = math.ceil(len(train_loader) / args.accum_steps)
     scheduler = create_scheduler(optimizer, args.lr_schedule_type, args.epochs, steps_per_epoch,
                                  args.warmup_epochs, args.step_size, args.milestones, args.gamma)
@@ -255,14 +283,16 @@ def main(argv: list[str] | None = None) -> dict:
     log.info(f"Device: {describe_device(device)}; precision: {dtype or torch.float32}; workers: {workers}; "
              f"layout: {'channels_last' if args.channels_last else 'NCHW'}; "
              f"batch {args.batch_size} x accum {args.accum_steps}; {steps_per_epoch} steps/epoch")
+    log.info(describe_scale(args.batch_size, args.accum_steps, args.lr, lr))
 
     start_epoch, best = 0, None
     history_rows: list[dict] = []
     if resume:
-        start_epoch, best, history_rows = restore_training_state(resume, model, optimizer, scheduler, scaler)
+        start_epoch, best, history_rows = restore_training_state(resume, model, optimizer, scheduler, scaler,
+                                                                 steps_per_epoch)
         log.info(f"Resumed from {args.resume_training} after epoch {start_epoch}")
-    history = History(run_dir, history_rows)
-    board = TensorBoard(run_dir) if args.tensorboard else None
+    history = History(run_dir if main_process else None, history_rows)
+    board = TensorBoard(run_dir) if args.tensorboard and main_process else None
 
     def checkpoint(epoch: int, metrics: dict, resumable: bool) -> dict:
         state = {
@@ -278,20 +308,21 @@ def main(argv: list[str] | None = None) -> dict:
                          history=history.rows)
         return state
 
-    if not resume:
+    if main_process and not resume:
         save_checkpoint(checkpoint(0, {}, resumable=True), run_dir / "last.pth")  # Ctrl-C in epoch 1 is resumable too
 
     # ---- the epoch loop ---------------------------------------------------------------------
-    show_progress = sys.stderr.isatty() and not args.quiet
+    show_progress = sys.stderr.isatty() and not args.quiet and main_process
     epoch = start_epoch
     try:
         for epoch in range(start_epoch + 1, args.epochs + 1):
-            generator.manual_seed(args.seed + epoch)
+            begin_epoch(train_loader, args.seed, epoch)  # seeds shuffling/augmentation (per rank under torchrun)
             if args.freeze_backbone and args.unfreeze_epoch and epoch >= args.unfreeze_epoch:
                 set_backbone_trainable(model, True, [])  # the optimizer already holds every parameter
+                train_model = follow_unfreeze(train_model, model, device, args.compile)  # DDP: sync those too
             train_stats = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler, settings, scaler,
                                           args.accum_steps, args.grad_clip, f"epoch {epoch}/{args.epochs}", show_progress)
-            val = evaluate(train_model, eval_loaders["val"], eval_criterion, settings, len(class_names), "val", show_progress)
+            val = evaluate(eval_model, eval_loaders["val"], eval_criterion, settings, len(class_names), "val", show_progress)
             row = {"epoch": epoch, "lr": train_stats["lr"], "train_loss": train_stats["loss"],
                    "train_acc": train_stats["acc"], "val_loss": val["loss"], "val_acc": val["top1"],
                    "val_f1": val["f1"], "epoch_time": train_stats["time"], "images_per_s": train_stats["images_per_s"]}
@@ -303,10 +334,12 @@ def main(argv: list[str] | None = None) -> dict:
             improved = best is None or is_better(metrics, best, args.best_metric)
             if improved:
                 best = {"epoch": epoch, args.best_metric: metrics[args.best_metric], "loss": metrics["loss"]}
-                save_checkpoint(checkpoint(epoch, metrics, resumable=False), run_dir / "best.pth")
-            save_checkpoint(checkpoint(epoch, metrics, resumable=True), run_dir / "last.pth")
-            if args.freq and epoch % args.freq == 0:
-                save_checkpoint(checkpoint(epoch, metrics, resumable=False), run_dir / f"epoch_{epoch}.pth")
+            if main_process:
+                if improved:
+                    save_checkpoint(checkpoint(epoch, metrics, resumable=False), run_dir / "best.pth")
+                save_checkpoint(checkpoint(epoch, metrics, resumable=True), run_dir / "last.pth")
+                if args.freq and epoch % args.freq == 0:
+                    save_checkpoint(checkpoint(epoch, metrics, resumable=False), run_dir / f"epoch_{epoch}.pth")
             log.info(f"epoch {epoch}/{args.epochs}  lr {train_stats['lr']:.2e}  train loss {train_stats['loss']:.4f} "
                      f"acc {train_stats['acc']:.2%}  |  val {format_metrics(metrics)}  |  "
                      f"{train_stats['time']:.1f}s {train_stats['images_per_s']:.0f} img/s{'  *best' if improved else ''}")
@@ -383,10 +416,11 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     return checkpoint
 
 
-def restore_training_state(checkpoint: dict, model, optimizer, scheduler, scaler) -> tuple[int, dict | None, list]:
+def restore_training_state(checkpoint: dict, model, optimizer, scheduler, scaler,
+                           steps_per_epoch: int) -> tuple[int, dict | None, list]:
     model.load_state_dict(checkpoint["state_dict"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
+    restore_schedule(optimizer, scheduler, checkpoint["optimizer"], checkpoint["scheduler"],
+                     checkpoint["epoch"] * steps_per_epoch)
     if scaler and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
     restore_rng_state(checkpoint["rng"])
@@ -438,19 +472,21 @@ def describe_model(model: nn.Module, name: str, preprocess: Preprocess, run_dir:
 def final_report(run_dir: Path, model: nn.Module, eval_loaders: dict, criterion: nn.Module, settings: StepSettings,
                  class_names: list[str], log, show_progress: bool) -> dict:
     """Evaluate best.pth on val (per-class table, confusion matrix) and on test if there is one."""
-    best = load_checkpoint(run_dir / "best.pth")
+    best = on_main_process(load_checkpoint, run_dir / "best.pth")  # rank 0 wrote it; other machines may not see it
     unwrap_model(model).load_state_dict(best["state_dict"])
     log.info(f"\nBest model: epoch {best['epoch']} ({run_dir / 'best.pth'})")
     results = {}
     for split, loader in eval_loaders.items():
         metrics = evaluate(model, loader, criterion, settings, len(class_names), split, show_progress)
         rows = per_class_rows(metrics["confusion"], class_names)
+        results[split] = {k: v for k, v in metrics.items() if k != "confusion"}
+        if not is_main_process():
+            continue
         suffix = "" if split == "val" else f"_{split}"
         plot_confusion_matrix(metrics["confusion"], class_names, run_dir / "plots" / f"confusion_matrix{suffix}.png",
                               title=f"{split} confusion matrix")
         write_per_class_csv(rows, run_dir / f"per_class{suffix}.csv")
         log.info(f"{split}: {format_metrics(metrics)}\n{format_per_class(rows)}")
-        results[split] = {k: v for k, v in metrics.items() if k != "confusion"}
         if split == "test":
             write_json({"checkpoint": str(run_dir / "best.pth"), "epoch": best["epoch"], **results[split],
                         "per_class": rows, "confusion_matrix": metrics["confusion"].tolist()},

@@ -131,16 +131,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights that must fit exactly (inference, resume); a mismatch is a UsageError."""
-    try:
-        model.load_state_dict(strip_wrapper_prefixes(state_dict), strict=True)
-    except RuntimeError as error:
-        first = [line.strip() for line in str(error).splitlines() if line.strip()][1:3]
-        raise UsageError(
-            f"{source} does not fit the model {type(model).__name__}: {' '.join(first)[:300]}"
-            " (wrong --model, or a checkpoint for another number of classes?)"
-        ) from None
+def load_model_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load weights that must fit exactly (inference, resume); a mismatch is a short UsageError."""
+    state_dict = strip_wrapper_prefixes(state_dict)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong_shape = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or wrong_shape:
+        details = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in (
+            (missing, "tensors missing"), (unexpected, "unknown tensors"), (wrong_shape, "tensors of another shape"))
+            if keys]
+        raise UsageError(f"{source} does not fit the model {type(model).__name__}: {'; '.join(details)} "
+                         "(wrong --model, or a checkpoint for another number of classes?)")
+    model.load_state_dict(state_dict, strict=True)
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -2,19 +2,42 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 from utils.errors import UsageError
 
 
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a script's `main()` and turn user errors and Ctrl-C into clean exits."""
+    """Run a script's `main()` and turn user errors and Ctrl-C into clean exits.
+
+    Under torchrun the message names the rank, and losing contact with a crashed or hung
+    rank is one line (exit 1) rather than a traceback.
+    """
     try:
         main()
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_rank_prefix()}{error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except RuntimeError as error:
+        message = _peer_failure(error)
+        if message is None:
+            raise
+        print(f"error: {_rank_prefix()}{message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _rank_prefix() -> str:
+    """"[rank R] " inside a torchrun job of several processes, else ""."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"[rank {os.environ.get('RANK', '?')}] "
+    return ""
+
+
+def _peer_failure(error: RuntimeError) -> Optional[str]:
+    distributed = sys.modules.get("utils.distributed")  # only scripts that train import it (and torch)
+    return distributed.describe_peer_failure(error) if distributed else None

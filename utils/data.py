@@ -287,9 +287,14 @@ class ImageDataset(torch.utils.data.Dataset):
         raise ImageReadError("no readable image left in the dataset")
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (respects taskset/cgroup affinity where the OS tells)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers(num_images: int) -> int:
     """A worker count that suits the data size and the machine's cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     if num_images < 256 or cores < 2:
         return 0  # worker start-up costs more than it saves on tiny data
     return min(8, cores)

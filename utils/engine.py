@@ -14,6 +14,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from models.pretrained import set_frozen_norm_eval
+from utils.distributed import broadcast_buffers, gradient_sync, sum_over_ranks
 from utils.metrics import ClassificationMetrics
 from utils.transforms import Preprocess, normalize_batch
 
@@ -78,7 +79,7 @@ def train_one_epoch(
     """One pass over `loader`; the scheduler steps once per optimizer step.
 
     Returns {"loss", "acc", "images", "time", "images_per_s", "lr"} (loss and accuracy are
-    running means over the epoch's training batches).
+    running means over the epoch's training batches, of all ranks under torchrun).
     """
     model.train()
     set_frozen_norm_eval(model)  # --freeze_backbone: frozen BatchNorms keep their statistics too
@@ -90,10 +91,12 @@ def train_one_epoch(
     bar = progress_bar(loader, description, show_progress)
     for step, (images, targets) in enumerate(bar, start=1):
         images, targets = settings.prepare(images, targets)
-        with settings.autocast():
-            loss, logits = compute_loss(model(images), targets, criterion)
-        (scaler.scale(loss / accum_steps) if scaler else loss / accum_steps).backward()
-        if step % accum_steps == 0 or step == len(loader):
+        optimizer_step = step % accum_steps == 0 or step == len(loader)
+        with gradient_sync(model, enabled=optimizer_step):
+            with settings.autocast():
+                loss, logits = compute_loss(model(images), targets, criterion)
+            (scaler.scale(loss / accum_steps) if scaler else loss / accum_steps).backward()
+        if optimizer_step:
             _optimizer_step(model, optimizer, scaler, grad_clip)
             scheduler.step()
         batch = targets.numel()
@@ -113,9 +116,12 @@ def train_one_epoch(
             )
     bar.close()
     elapsed = time.perf_counter() - start
+    # Under torchrun: the epoch's numbers over all ranks, not just this rank's share.
+    loss_total, correct_total, seen = sum_over_ranks([loss_sum.item(), correct.item(), seen], settings.device)
+    seen = int(seen)
     return {
-        "loss": loss_sum.item() / max(seen, 1),
-        "acc": correct.item() / max(seen, 1),
+        "loss": loss_total / max(seen, 1),
+        "acc": correct_total / max(seen, 1),
         "images": seen,
         "time": elapsed,
         "images_per_s": seen / elapsed if elapsed > 0 else math.nan,
@@ -147,7 +153,14 @@ def evaluate(
     description: str = "val",
     show_progress: bool = True,
 ) -> dict:
-    """Metrics over the whole split (see utils.metrics.ClassificationMetrics.compute)."""
+    """Metrics over the whole split (see utils.metrics.ClassificationMetrics.compute).
+
+    Under torchrun each rank passes its own shard of the split (utils.distributed.ShardSampler)
+    and compute() sums the counts of all ranks, so every rank gets the split-wide numbers.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # DDP's forward syncs buffers; shards may differ by one batch
+    broadcast_buffers(model)  # under torchrun: every rank evaluates rank 0's model, the one saved
     model.eval()
     metrics = ClassificationMetrics(num_classes, settings.device)
     for images, targets in progress_bar(loader, description, show_progress):

@@ -29,3 +29,18 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[str]:
 def list_class_dirs(folder: str | os.PathLike) -> list[str]:
     """Names of the visible sub-folders of `folder`, in natural order."""
     return natsorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def unique_path(folder: str | os.PathLike, name: str) -> str:
+    """folder/name, or folder/<stem>-1<suffix>, -2, ...: the first that does not exist yet.
+
+    Outputs that share a file name (two class folders both holding img_001.jpg, a second export
+    into the same folder) then never overwrite each other or the user's files.
+    """
+    stem, suffix = os.path.splitext(name)
+    candidate = os.path.join(folder, name)
+    number = 0
+    while os.path.exists(candidate):
+        number += 1
+        candidate = os.path.join(folder, f"{stem}-{number}{suffix}")
+    return candidate

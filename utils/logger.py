@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -24,14 +25,20 @@ HISTORY_FIELDS = [
 ]
 
 
-def new_run_dir(log_dir: str | os.PathLike, model_name: str) -> Path:
-    """A fresh logs/<timestamp>_<model>/ folder (a suffix keeps two runs in one second apart)."""
+def new_run_dir(log_dir: str | os.PathLike, model_name: str, subdirs: Sequence[str] = ("plots",)) -> Path:
+    """A fresh logs/<timestamp>_<model>/ folder (a suffix keeps two runs in one second apart)
+    with `subdirs` inside; an existing folder is never reused, so no earlier run is overwritten."""
     base = Path(log_dir) / f"{datetime.now():%Y%m%d-%H%M%S}_{model_name}"
     run_dir, n = base, 1
-    while run_dir.exists():
-        n += 1
-        run_dir = base.with_name(f"{base.name}_{n}")
-    (run_dir / "plots").mkdir(parents=True)
+    while True:
+        try:
+            run_dir.mkdir(parents=True)  # atomic claim: two processes cannot both get one name
+            break
+        except FileExistsError:
+            n += 1
+            run_dir = base.with_name(f"{base.name}_{n}")
+    for name in subdirs:
+        (run_dir / name).mkdir()
     return run_dir
 
 
@@ -71,10 +78,12 @@ class History:
     The rows also travel inside last.pth, and a resumed run starts from the checkpoint's rows:
     after a kill at any moment the file holds exactly the epochs the checkpoint has finished,
     no duplicate and no gap. The file is rewritten whole (it is small) and atomically.
+    With run_dir None the rows stay in memory and nothing is written or plotted (the ranks
+    other than 0 under torchrun).
     """
 
-    def __init__(self, run_dir: Path, rows: Optional[list[dict]] = None):
-        self.path = run_dir / "history.csv"
+    def __init__(self, run_dir: Optional[Path], rows: Optional[list[dict]] = None):
+        self.path = run_dir / "history.csv" if run_dir is not None else None
         self.rows: list[dict] = list(rows or [])
         self._write()
 
@@ -84,6 +93,8 @@ class History:
         self._write()
 
     def _write(self) -> None:
+        if self.path is None:
+            return
         temp = self.path.with_suffix(".csv.tmp")
         with open(temp, "w", newline="", encoding="utf-8") as file:
             writer = csv.DictWriter(file, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
@@ -96,7 +107,7 @@ class History:
 
     def plot(self, plot_dir: Path) -> None:
         """loss.png, accuracy.png and lr.png from the rows so far."""
-        if not self.rows:
+        if not self.rows or self.path is None:
             return
         epochs = self.column("epoch")
         for file_name, title, series in (

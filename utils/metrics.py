@@ -8,11 +8,13 @@ panel, so the numbers agree everywhere. Two classes are treated like any other c
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Sequence
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from matplotlib.figure import Figure
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
@@ -61,8 +63,11 @@ class ClassificationMetrics:
         confusion = values.pop("confusion").cpu()
         result = {name: float(value) for name, value in values.items()}
         result["count"] = int(confusion.sum())
-        if self.loss.update_called:
-            result["loss"] = float(self.loss.compute())
+        # Every rank must join the loss sync, even one whose shard was empty (more ranks than samples).
+        if self.loss.update_called or (dist.is_available() and dist.is_initialized()):
+            loss = float(self.loss.compute())
+            if not math.isnan(loss):  # nan: no rank passed a loss
+                result["loss"] = loss
         result["confusion"] = confusion
         return result
 

@@ -6,6 +6,7 @@ from epochs to iterations here; a schedule behaves the same for any dataset or b
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -97,3 +98,30 @@ def create_scheduler(
         return main
     ramp = LinearLR(optimizer, start_factor=1.0 / (warmup + 1), end_factor=1.0, total_iters=warmup)
     return SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
+def restore_schedule(optimizer: torch.optim.Optimizer, scheduler: LRScheduler, optimizer_state: dict,
+                     scheduler_state: dict, steps_done: int) -> bool:
+    """Continue a run's optimizer and lr schedule after `steps_done` optimizer steps.
+
+    Normally both states load as saved. When the saved schedule no longer fits (the run
+    resumes with another number of torchrun processes or another batch size, so an epoch
+    has another number of steps; or --lr_scale gives another lr), the optimizer's state
+    (momenta) is kept and the fresh `scheduler` is replayed up to `steps_done`, so the lr
+    continues from the same point of the run. Returns True when it replayed.
+    """
+    saved_base = [group.get("initial_lr") for group in optimizer_state["param_groups"]]
+    fresh_base = [group.get("initial_lr") for group in optimizer.param_groups]
+    if scheduler_state.get("last_epoch") == steps_done and saved_base == fresh_base:
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": intended here
+        for _ in range(steps_done):
+            scheduler.step()
+    replayed = [(group["lr"], group["initial_lr"]) for group in optimizer.param_groups]
+    optimizer.load_state_dict(optimizer_state)
+    for group, (lr, initial_lr) in zip(optimizer.param_groups, replayed):
+        group["lr"], group["initial_lr"] = lr, initial_lr
+    return True

@@ -6,12 +6,14 @@ as training's evaluation (utils.checkpoint, utils.transforms, utils.data.read_rg
     predictor = Predictor.from_checkpoint("logs/<run>/best.pth", device="auto")
     for batch in predictor.predict_paths(paths, batch_size=64, workers=2):
         batch.paths, batch.probs, batch.errors   # probs: (N, C) float tensor on the CPU
+    results = Predictions.collect(predictor.predict_paths(paths), predictor.class_names, labels)
+    results.metrics()                            # the same ClassificationMetrics as training
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,10 +23,13 @@ import torch.nn as nn
 
 from models.registry import check_model_name, create_model
 from utils.checkpoint import load_checkpoint, load_model_weights
-from utils.data import ImageReadError, create_dataloader, read_rgb
-from utils.device import amp_dtype, select_device
+from utils.data import ImageReadError, available_cores, create_dataloader, default_workers, read_rgb
+from utils.device import amp_dtype, describe_device, select_device
 from utils.errors import UsageError
 from utils.transforms import Preprocess, build_eval_transform, normalize_batch, parse_input_shape
+
+_NCHW_PREFERRED = ("vit_", "swin_", "maxvit", "convnext")  # models that channels_last does not speed up
+_INFO_KEYS = ("format", "epoch", "metrics", "created", "pretrained")  # kept from the checkpoint for display
 
 
 @dataclass
@@ -66,16 +71,20 @@ class Predictor:
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.transform = build_eval_transform(preprocess)
+        self.checkpoint_info: dict = {}  # format, epoch, metrics, created: empty for a bare state_dict
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", model_name: Optional[str] = None,
                         class_names: Optional[Sequence[str]] = None, input_shape: Optional[Sequence[int]] = None,
-                        amp: bool = False, channels_last: bool = False) -> Predictor:
-        """Our checkpoints describe themselves; a bare state_dict needs model_name and class_names."""
+                        amp: bool = False, channels_last: Optional[bool] = None) -> Predictor:
+        """Our checkpoints describe themselves; a bare state_dict needs model_name and class_names.
+
+        channels_last None: on where it is faster (see `prefers_channels_last`).
+        """
         checkpoint = load_checkpoint(path)
         if "format" in checkpoint:
             model_name = checkpoint["model"]
-            class_names = list(checkpoint["class_names"])
+            class_names = _checked_renaming(list(checkpoint["class_names"]), class_names, path)
             preprocess = Preprocess.from_dict(checkpoint["preprocess"])
             model_kwargs = checkpoint.get("model_kwargs") or {}
         else:
@@ -86,11 +95,23 @@ class Predictor:
             preprocess = Preprocess(input_size=parse_input_shape(input_shape or [224]))
             model_kwargs = {}
         model = create_model(model_name, len(class_names), tuple(preprocess.input_size), **model_kwargs)
+        _check_head_size(model, checkpoint["state_dict"], len(class_names), path)
         try:
             load_model_weights(model, checkpoint["state_dict"], path)
         except UsageError as error:
             raise UsageError(f"{error}; it was built for {len(class_names)} classes ({model_name})") from None
-        return cls(model, model_name, list(class_names), preprocess, select_device(device), amp, channels_last)
+        target = select_device(device)
+        if channels_last is None:
+            channels_last = prefers_channels_last(model_name, target)
+        predictor = cls(model, model_name, list(class_names), preprocess, target, amp, channels_last)
+        predictor.checkpoint_info = {key: checkpoint[key] for key in _INFO_KEYS if key in checkpoint}
+        return predictor
+
+    def describe(self) -> str:
+        """One line for consoles and window titles."""
+        height, width = self.preprocess.input_size
+        return (f"{self.model_name}, {len(self.class_names)} classes, input {height}x{width} "
+                f"({self.preprocess.resize_mode}), on {describe_device(self.device)}")
 
     @torch.inference_mode()
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
@@ -107,13 +128,52 @@ class Predictor:
         return self.predict_batch(batch)
 
     def predict_paths(self, paths: Sequence[str], batch_size: int = 32, workers: int = 0) -> Iterator[PredictionBatch]:
-        """Batched prediction over files; decoding runs in `workers` DataLoader processes."""
+        """Batched prediction over files; decoding runs in `workers` DataLoader processes.
+
+        On the CPU the forward pass gets the cores the workers leave free (see `_cpu_share`).
+        """
         loader = create_dataloader(PathDataset(paths, self.preprocess), batch_size, False, workers, self.device)
-        for images, indices, errors in loader:
-            probs = self.predict_batch(images)
-            failed = torch.tensor([bool(e) for e in errors]).unsqueeze(1)
-            probs = torch.where(failed, float("nan"), probs)
-            yield PredictionBatch([paths[i] for i in indices.tolist()], probs, list(errors))
+        with _cpu_share(self.device, workers):
+            for images, indices, errors in loader:
+                probs = self.predict_batch(images)
+                failed = torch.tensor([bool(e) for e in errors]).unsqueeze(1)
+                probs = torch.where(failed, float("nan"), probs)
+                yield PredictionBatch([paths[i] for i in indices.tolist()], probs, list(errors))
+
+
+CPU_WORKERS_FROM = 64  # images; below this a worker's start-up costs more than it saves
+
+
+def inference_workers(num_images: int, device: torch.device) -> int:
+    """Decoding processes for predicting `num_images` files on `device`.
+
+    On the CPU the workers take cores from the model, and decoding a photo costs a fraction of
+    a forward pass, so a quarter of the cores (at least one) keep the model fed.
+    """
+    if device.type != "cpu":
+        return default_workers(num_images)
+    cores = available_cores()
+    if num_images < CPU_WORKERS_FROM or cores < 2:
+        return 0
+    return max(1, cores // 4)
+
+
+@contextlib.contextmanager
+def _cpu_share(device: torch.device, workers: int) -> Iterator[None]:
+    """Run the CPU forward pass on the cores the decoding workers leave free, then restore.
+
+    Workers and intra-op threads together beyond the core count made batched inference 2-3x
+    slower on a busy 2-core machine: OpenMP threads wait at every layer for a descheduled peer.
+    """
+    if device.type != "cpu" or workers == 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, available_cores() - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def topk(probs: torch.Tensor, class_names: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
@@ -122,3 +182,131 @@ def topk(probs: torch.Tensor, class_names: Sequence[str], k: int) -> list[list[t
     values, indices = probs.topk(k, dim=1)
     return [[(class_names[i], float(v)) for v, i in zip(vs, ids)] for vs, ids in zip(values.tolist(), indices.tolist())]
 
+
+
+def prefers_channels_last(model_name: str, device: torch.device) -> bool:
+    """NHWC on the CPU: convolutional nets ran 10-40% faster per image in batches (oneDNN;
+    resnet18, mobilenet_v3_small, efficientnet_b0, shufflenet), while transformers were level
+    or a little slower (convnext_tiny, vit_b_16), measured on a 2-core AVX-512 CPU."""
+    return device.type == "cpu" and not model_name.startswith(_NCHW_PREFERRED)
+
+
+@dataclass
+class Predictions:
+    """All predictions of one run in input order, with the ground truth when it is known."""
+
+    paths: list[str]
+    probs: torch.Tensor  # (N, C) on the CPU; NaN rows for unreadable files
+    errors: list[str]  # "" where the image was read, else the reason
+    class_names: list[str]
+    labels: Optional[torch.Tensor] = None  # (N,) true class index per file, for a labelled tree
+
+    @classmethod
+    def collect(cls, batches: Iterable[PredictionBatch], class_names: Sequence[str],
+                labels: Optional[Sequence[int]] = None) -> Predictions:
+        paths: list[str] = []
+        probs: list[torch.Tensor] = []
+        errors: list[str] = []
+        for batch in batches:
+            paths += batch.paths
+            probs.append(batch.probs)
+            errors += batch.errors
+        stacked = torch.cat(probs) if probs else torch.empty(0, len(class_names))
+        truth = torch.as_tensor(list(labels), dtype=torch.long) if labels is not None else None
+        return cls(paths, stacked, errors, list(class_names), truth)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def readable(self) -> torch.Tensor:
+        """(N,) bool: the image was read and predicted."""
+        return torch.tensor([not error for error in self.errors], dtype=torch.bool)
+
+    def top1(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(confidence, class index) per row; NaN confidence for unreadable files."""
+        return self.probs.max(dim=1)
+
+    def topk(self, k: int) -> list[list[tuple[str, float]]]:
+        """Per file, the k most probable (class name, probability); [] for unreadable files."""
+        ranked = topk(self.probs, self.class_names, k)
+        return [pairs if not error else [] for pairs, error in zip(ranked, self.errors)]
+
+    def unreadable(self) -> list[tuple[str, str]]:
+        return [(path, error) for path, error in zip(self.paths, self.errors) if error]
+
+    def evaluated(self) -> torch.Tensor:
+        """(N,) bool: has a label and was read, so it counts in the metrics."""
+        if self.labels is None:
+            return torch.zeros(len(self), dtype=torch.bool)
+        return self.readable
+
+    def metrics(self) -> Optional[dict]:
+        """Split-wide metrics over the evaluated files with utils.metrics.ClassificationMetrics
+        (the class training validates with, so the numbers agree); None without labels."""
+        from utils.metrics import ClassificationMetrics
+
+        mask = self.evaluated()
+        if not mask.any():
+            return None
+        scores = ClassificationMetrics(len(self.class_names))
+        scores.update(self.probs[mask], self.labels[mask])  # type: ignore[index]
+        return scores.compute()
+
+    def mistakes(self) -> list[int]:
+        """Indices of wrongly predicted evaluated files, most confident mistake first."""
+        if self.labels is None:
+            return []
+        confidence, predicted = self.top1()
+        wrong = self.evaluated() & (predicted != self.labels)
+        indices = wrong.nonzero().flatten().tolist()
+        return sorted(indices, key=lambda i: -float(confidence[i]))
+
+
+def parse_categories(values: Optional[Sequence[str]]) -> Optional[list[str]]:
+    """`--categories daisy dandelion` or `--categories daisy,dandelion` -> ["daisy", "dandelion"].
+
+    With a comma anywhere, names are split on commas only, so "sea lion,seal" keeps its space.
+    """
+    if not values:
+        return None
+    if any("," in value for value in values):
+        names = [name.strip() for value in values for name in value.split(",")]
+    else:
+        names = [value.strip() for value in values]
+    names = [name for name in names if name]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UsageError(f"--categories names {', '.join(repeated)} more than once; each class needs its own name")
+    if not names:
+        raise UsageError("--categories is empty: give the class names in output order, e.g. --categories cat dog")
+    return names
+
+
+def _checked_renaming(saved: list[str], given: Optional[Sequence[str]], path: str) -> list[str]:
+    """Our checkpoint names its classes; --categories may rename them, one name per class."""
+    if not given:
+        return saved
+    if len(given) != len(saved):
+        shown = ", ".join(saved[:10]) + (", ..." if len(saved) > 10 else "")
+        raise UsageError(f"--categories gives {len(given)} names but {path} was trained for {len(saved)} classes "
+                         f"({shown}); drop --categories or give exactly {len(saved)} names")
+    return list(given)
+
+
+def _check_head_size(model: nn.Module, state_dict: dict[str, torch.Tensor], num_classes: int, path: str) -> None:
+    """Name the real cause when the only tensors that do not fit are the classifier's outputs."""
+    own = model.state_dict()
+    mismatched = [key for key in own if key in state_dict and state_dict[key].shape != own[key].shape]
+    if not mismatched:
+        return
+    head_sizes = set()
+    for key in mismatched:
+        mine, theirs = own[key].shape, state_dict[key].shape
+        if not mine or len(mine) != len(theirs) or mine[0] != num_classes or mine[1:] != theirs[1:]:
+            return  # not just a head of another size: load_model_weights reports it
+        head_sizes.add(theirs[0])
+    if len(head_sizes) == 1:
+        (size,) = head_sizes
+        raise UsageError(f"{path} has a {size}-class head ({mismatched[0]}) but {num_classes} class names were "
+                         f"given (--categories); give exactly {size} names, in the model's output order")

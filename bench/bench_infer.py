@@ -1,0 +1,163 @@
+"""Folder inference speed: infer.py's batched DataLoader path against a one-image-at-a-time loop.
+
+    python bench/bench_infer.py            # 300 JPEGs of 500x375, mobilenet_v3_small at 224
+    python bench/bench_infer.py --quick    # CI smoke test, well under a minute
+    python bench/bench_infer.py --model resnet18 --images 200
+
+Every row uses the same Predictor (model loaded once, eval, inference_mode, channels_last for
+CNNs) and the same reader and preprocessing, so the rows differ in batching, decoding workers
+and threads only:
+  per-image loop              for each path: read_rgb -> resize -> normalise -> forward a batch
+                              of one, with torch's default threads (one per core): the baseline
+  per-image loop, 1 thread    the same on one thread (full run only; see below)
+  batched, 0 workers          Predictor.predict_paths without DataLoader workers
+  batched, N workers          what infer.py runs: workers decode, the model gets the other cores
+The checkpoint holds random weights (nothing is downloaded); speed does not depend on them.
+
+On a CPU that other processes also use, torch's one-thread-per-core default is slow for small
+batches: every layer waits for a descheduled thread. The 1-thread loop row shows how much of
+the speed-up comes from not oversubscribing rather than from batching. The variants run
+interleaved for --rounds rounds; the table shows each one's median and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from models.registry import create_model  # noqa: E402
+from utils.checkpoint import CHECKPOINT_FORMAT, save_checkpoint  # noqa: E402
+from utils.data import read_rgb  # noqa: E402
+from utils.predict import Predictions, Predictor, inference_workers  # noqa: E402
+from utils.transforms import Preprocess  # noqa: E402
+from utils.visualize import save_rgb  # noqa: E402
+
+CLASS_NAMES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Batched folder inference vs a per-image loop (images/s).")
+    parser.add_argument("--quick", action="store_true", help="few images, one round: a smoke test")
+    parser.add_argument("--model", default="mobilenet_v3_small")
+    parser.add_argument("--images", type=int, default=300, help="JPEGs in the folder (the loop times a third)")
+    parser.add_argument("--image_size", "--image-size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"))
+    parser.add_argument("--input_shape", "--input-shape", type=int, default=224)
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=None, help="default: what infer.py picks")
+    parser.add_argument("--rounds", type=int, default=3)
+    return parser
+
+
+def make_photos(folder: Path, count: int, size: tuple[int, int], seed: int = 0) -> list[str]:
+    """Photo-like JPEGs: smooth colour fields plus grain, so they compress like real photos."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    paths = []
+    for i in range(count):
+        coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+        smooth = torch.nn.functional.interpolate(torch.from_numpy(coarse).permute(2, 0, 1)[None].float(),
+                                                 size=(height, width), mode="bicubic", align_corners=False)
+        grain = rng.normal(0, 12, size=(height, width, 3))
+        image = np.clip(smooth[0].permute(1, 2, 0).numpy() + grain, 0, 255).astype(np.uint8)
+        paths.append(str(save_rgb(folder / f"photo_{i:04d}.jpg", image, quality=90)))
+    return paths
+
+
+def make_checkpoint(path: Path, model_name: str, input_size: int) -> Path:
+    torch.manual_seed(0)
+    model = create_model(model_name, len(CLASS_NAMES), (input_size, input_size))
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "model": model_name, "class_names": CLASS_NAMES,
+                     "state_dict": model.state_dict(),
+                     "preprocess": Preprocess(input_size=[input_size, input_size]).to_dict(), "epoch": 0}, path)
+    return path
+
+
+def run_loop(predictor: Predictor, paths: list[str]) -> float:
+    """The baseline a first script would write: one image at a time. Returns images/s."""
+    started = time.perf_counter()
+    for path in paths:
+        predictor.predict_arrays([read_rgb(path)])
+    return len(paths) / (time.perf_counter() - started)
+
+
+def run_loop_one_thread(predictor: Predictor, paths: list[str]) -> float:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_loop(predictor, paths)
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_batched(predictor: Predictor, paths: list[str], batch_size: int, workers: int) -> float:
+    """What infer.py does (worker start-up included). Returns images/s."""
+    started = time.perf_counter()
+    results = Predictions.collect(predictor.predict_paths(paths, batch_size, workers), predictor.class_names)
+    assert len(results) == len(paths) and not results.unreadable()
+    return len(paths) / (time.perf_counter() - started)
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{value:.1f}" for value in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = get_args_parser().parse_args(argv)
+    if args.quick:
+        args.images, args.rounds = 64, 1
+    workers = inference_workers(args.images, torch.device("cpu")) if args.workers is None else args.workers
+    with tempfile.TemporaryDirectory(prefix="bench_infer_") as temp:
+        folder = Path(temp)
+        paths = make_photos(folder, args.images, tuple(args.image_size))
+        loop_paths = paths[: 4 if args.quick else len(paths) // 3]  # the loop is slow; its rate is per image
+        checkpoint = make_checkpoint(folder / "random.pth", args.model, args.input_shape)
+        predictor = Predictor.from_checkpoint(str(checkpoint), device="cpu")
+        run_loop(predictor, paths[:4])  # warm-up: first-call allocations and kernel selection
+        run_batched(predictor, paths[:8], args.batch_size, 0)
+        variants = {"per-image loop (batch 1)": lambda: run_loop(predictor, loop_paths)}
+        if not args.quick:  # a loop on one thread dodges OpenMP's waits on a busy CPU: shown for fairness
+            variants["per-image loop (batch 1), 1 thread"] = lambda: run_loop_one_thread(predictor, loop_paths)
+        if workers:  # shows what batching alone gives, before parallel decoding
+            variants[f"batched, batch {args.batch_size}, 0 workers"] = \
+                lambda: run_batched(predictor, paths, args.batch_size, 0)
+        variants[f"batched, batch {args.batch_size}, {workers} worker{'' if workers == 1 else 's'} (infer.py)"] = \
+            lambda: run_batched(predictor, paths, args.batch_size, workers)
+        rates: dict[str, list[float]] = {name: [] for name in variants}
+        names = list(variants)
+        for round_index in range(args.rounds):
+            for name in names[round_index % len(names):] + names[: round_index % len(names)]:  # rotate the order
+                rates[name].append(variants[name]())
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    layout = "channels_last" if predictor.channels_last else "NCHW"
+    print(f"Folder inference, {args.model} ({layout}) at {args.input_shape}x{args.input_shape}, "
+          f"{args.image_size[0]}x{args.image_size[1]} JPEGs, CPU ({torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} cores), torch {torch.__version__}; median of {args.rounds} interleaved round(s); "
+          f"load average {load_average()}")
+    print_table(medians, {name: len(loop_paths) if name.startswith("per-image") else len(paths) for name in names})
+    return medians
+
+
+def print_table(medians: dict[str, float], counts: dict[str, int]) -> None:
+    baseline = next(iter(medians.values()))
+    print()
+    print("| path | images | images/s | ms/image | speed-up |")
+    print("|------|-------:|---------:|---------:|---------:|")
+    for name, rate in medians.items():
+        print(f"| {name} | {counts[name]} | {rate:.1f} | {1000 / rate:.1f} | {rate / baseline:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

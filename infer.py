@@ -1,0 +1,300 @@
+"""Predict images with a trained checkpoint: one image, a folder, a glob or a .txt list of paths.
+
+    python infer.py --weights logs/<run>/best.pth --image_path photos/
+    python infer.py --weights logs/<run>/best.pth --image_path photo.jpg --show
+    python infer.py --weights other.pth --image_path photos/ --model resnet50 --categories daisy,rose
+
+The checkpoint says which model, classes and preprocessing to use. Results go to a new folder
+SAVE_DIR/<YYYYmmdd-HHMMSS>_<model>/ (never over an earlier run): predictions.txt (the original
+template's format), predictions.csv, predictions.json and pictures. A folder laid out as
+<class>/<images> with the checkpoint's class names is also evaluated: metrics, per-class table,
+confusion matrix, misclassified.csv. See README "Predicting: infer.py".
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+# Only torch-free modules at the top: the flags and --image_path are checked before torch loads
+# (seconds), so a typo fails at once. The functions below import what they need.
+from utils.cli import run_cli
+from utils.errors import UsageError
+from utils.inputs import ImageInputs, Labels, find_labels, resolve_inputs
+
+if TYPE_CHECKING:
+    import numpy as np
+    from tqdm import tqdm
+
+    from utils.predict import PredictionBatch, Predictions, Predictor
+
+MAX_LISTED = 20  # unreadable files printed to the console; all of them are in the output files
+ANNOTATED_MIN_SIDE = 320  # a single image smaller than this is enlarged so its label is readable
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Predict images with a checkpoint from train.py (or a bare state_dict).",
+        add_help=add_help)
+    parser.add_argument("--weights", required=True, help="checkpoint (logs/<run>/best.pth) or a bare state_dict file")
+    parser.add_argument("--image_path", "--image-path", nargs="+", required=True, metavar="PATH",
+                        help="image file(s), folder(s) (searched recursively), glob(s) such as 'photos/*.jpg', "
+                             "or a .txt file with one image path per line")
+    bare = parser.add_argument_group("bare state_dict only (a train.py checkpoint already holds these)")
+    bare.add_argument("--model", default=None, help="registry model name, e.g. resnet18")
+    bare.add_argument("--categories", nargs="+", default=None, metavar="NAME",
+                      help="class names in output order, space- or comma-separated: daisy dandelion / daisy,dandelion")
+    bare.add_argument("--input_shape", "--input-shape", type=int, nargs="+", default=None, metavar="SIZE",
+                      help="model input H [W]; default 224")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; default %(default)s")
+    speed.add_argument("--batch_size", "--batch-size", type=int, default=64, help="images per forward pass; default %(default)s")
+    speed.add_argument("--workers", type=int, default=None,
+                       help="DataLoader processes that decode images; default: by image count, cores and device")
+    speed.add_argument("--amp", action="store_true", help="mixed precision (fp16/bf16 on GPU; bf16 on CPUs that have it)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--topk", "--top_k", "--top-k", type=int, default=5,
+                        help="classes per image in predictions.csv/json and on the console; default %(default)s")
+    output.add_argument("--save_dir", "--save-dir", default="results",
+                        help="results go to SAVE_DIR/<time>_<model>/, a new folder each run; default %(default)s")
+    output.add_argument("--num_show", "--num-show", type=int, default=5,
+                        help="images in the sample grid and in the worst-mistakes grid, 0 for none; default %(default)s")
+    output.add_argument("--seed", type=int, default=0, help="picks the sample grid's images; default %(default)s")
+    output.add_argument("--show", action="store_true",
+                        help="also open the picture in a window (only where a display exists)")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for flag, smallest in (("batch_size", 1), ("topk", 1), ("num_show", 0), ("workers", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < smallest:
+            raise UsageError(f"--{flag} must be at least {smallest}, got {value}")
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
+    inputs = resolve_inputs(args.image_path)  # before the model loads: a typo fails in a second
+    predictor = load_predictor(args)
+    labels, labels_note = find_labels(inputs, predictor.class_names)
+    print(f"Model: {predictor.describe()}  [{args.weights}{describe_epoch(predictor.checkpoint_info)}]")
+    for note in ignored_flag_notes(args, predictor) + ([labels_note] if labels_note else []):
+        print(f"note: {note}")
+    if not inputs.single:
+        print(describe_inputs(inputs, labels))
+
+    results, seconds, workers = predict(predictor, inputs, labels, args)
+    if inputs.single and results.errors[0]:
+        raise UsageError(results.errors[0])
+    metrics = results.metrics()  # None unless a labelled tree
+    run_dir = write_outputs(results, metrics, inputs, predictor, args)
+    if inputs.single:
+        report_single(results, args.topk)
+        draw_safely(save_single_picture, results, run_dir, args.show)
+    else:
+        report_many(results, metrics, seconds, args.batch_size, workers)
+        draw_safely(save_grids, results, run_dir, args.num_show, args.seed, args.show)
+    from utils.results import output_listing
+
+    print(f"Results in {run_dir}:\n{output_listing(run_dir)}")
+    readable = int(results.readable.sum())
+    if readable == 0:
+        raise UsageError(f"none of the {len(results)} images could be read (listed in {run_dir / 'predictions.csv'})")
+    return {"run_dir": str(run_dir), "count": len(results), "readable": readable,
+            "metrics": {k: v for k, v in metrics.items() if k != "confusion"} if metrics else None}
+
+
+def load_predictor(args: argparse.Namespace) -> Predictor:
+    from utils.predict import Predictor, parse_categories
+
+    return Predictor.from_checkpoint(args.weights, args.device, model_name=args.model,
+                                     class_names=parse_categories(args.categories),
+                                     input_shape=args.input_shape, amp=args.amp)
+
+
+def describe_epoch(info: dict) -> str:
+    return f", epoch {info['epoch']}" if info.get("epoch") is not None else ""
+
+
+def ignored_flag_notes(args: argparse.Namespace, predictor: Predictor) -> list[str]:
+    """A train.py checkpoint decides model and preprocessing; say so when flags ask otherwise."""
+    from utils.transforms import parse_input_shape
+
+    if not predictor.checkpoint_info.get("format"):
+        return []
+    notes = []
+    if args.model and args.model != predictor.model_name:
+        notes.append(f"--model {args.model} ignored: {args.weights} holds a {predictor.model_name}")
+    if args.input_shape and parse_input_shape(args.input_shape) != list(predictor.preprocess.input_size):
+        height, width = predictor.preprocess.input_size
+        notes.append(f"--input_shape ignored: the checkpoint was trained at {height}x{width} and uses that")
+    if args.categories:
+        notes.append(f"--categories renames the checkpoint's classes to: {', '.join(predictor.class_names)}")
+    return notes
+
+
+def describe_inputs(inputs: ImageInputs, labels: Optional[Labels]) -> str:
+    where = inputs.folder or ", ".join(inputs.sources[:3]) + (" ..." if len(inputs.sources) > 3 else "")
+    tree = f" (labelled tree: {len(labels.class_folders)} class folders)" if labels else ""
+    return f"Images: {len(inputs.paths)} from {where}{tree}"
+
+
+def predict(predictor: Predictor, inputs: ImageInputs, labels: Optional[Labels],
+            args: argparse.Namespace) -> tuple[Predictions, float, int]:
+    """All images through the batched DataLoader path; returns (Predictions, seconds, workers)."""
+    from tqdm import tqdm
+
+    from utils.predict import Predictions, inference_workers
+
+    workers = args.workers if args.workers is not None else inference_workers(len(inputs.paths), predictor.device)
+    workers = min(workers, len(inputs.paths))
+    started = time.perf_counter()
+    batches = predictor.predict_paths(inputs.paths, args.batch_size, workers)
+    show_bar = sys.stderr.isatty() and not inputs.single
+    with tqdm(total=len(inputs.paths), desc="predicting", unit="img", disable=not show_bar) as bar:
+        results = Predictions.collect(_counted(batches, bar), predictor.class_names,
+                                      labels.indices if labels else None)
+    return results, time.perf_counter() - started, workers
+
+
+def _counted(batches: Iterable[PredictionBatch], bar: tqdm) -> Iterator[PredictionBatch]:
+    for batch in batches:
+        bar.update(len(batch.paths))
+        yield batch
+
+
+def write_outputs(results: Predictions, metrics: Optional[dict], inputs: ImageInputs, predictor: Predictor,
+                  args: argparse.Namespace) -> Path:
+    """predictions.txt/.csv/.json, and for a labelled tree the metrics files."""
+    from utils.checkpoint import timestamp
+    from utils.logger import new_run_dir
+    from utils.metrics import per_class_rows, plot_confusion_matrix, write_per_class_csv
+    from utils.results import write_csv, write_json_report, write_misclassified, write_txt
+
+    run_dir = new_run_dir(args.save_dir, predictor.model_name, subdirs=())
+    write_txt(results, run_dir / "predictions.txt")
+    write_csv(results, run_dir / "predictions.csv", args.topk)
+    run = {"checkpoint": args.weights, "model": predictor.model_name, "inputs": inputs.sources,
+           "device": str(predictor.device), "created": timestamp(), "topk": args.topk}
+    write_json_report(results, run_dir / "predictions.json", args.topk, run, metrics)
+    if metrics is not None:
+        write_per_class_csv(per_class_rows(metrics["confusion"], results.class_names), run_dir / "per_class.csv")
+        plot_confusion_matrix(metrics["confusion"], results.class_names, run_dir / "confusion_matrix.png",
+                              title=f"{Path(inputs.folder or '.').name} confusion matrix")
+        write_misclassified(results, run_dir / "misclassified.csv")
+    return run_dir
+
+
+def report_single(results: Predictions, k: int) -> None:
+    """The template's three lines, then the runners-up."""
+    (pairs,) = results.topk(k)
+    name, probability = pairs[0]
+    print(f"Image: {results.paths[0]}\nPredicted class: {name}\nProbability: {probability:.2%}")
+    if len(pairs) > 1:
+        print(f"Top {len(pairs)}: " + ", ".join(f"{n} {p:.2%}" for n, p in pairs))
+
+
+def report_many(results: Predictions, metrics: Optional[dict], seconds: float, batch_size: int, workers: int) -> None:
+    from utils.metrics import format_metrics, format_per_class, per_class_rows
+
+    rate = len(results) / seconds if seconds > 0 else float("inf")
+    print(f"Predicted {len(results)} images in {seconds:.2f} s ({rate:.1f} images/s; "
+          f"batch {batch_size}, {workers} worker{'' if workers == 1 else 's'})")
+    report_unreadable(results.unreadable())
+    if metrics is None:
+        _, predicted = results.top1()
+        counts = Counter(results.class_names[int(i)] for i, ok in zip(predicted, results.readable) if ok)
+        if counts:
+            print("Images per predicted class: " + ", ".join(f"{name}: {count}" for name, count in counts.most_common()))
+        return
+    print(f"Metrics over {metrics['count']} labelled images: {format_metrics(metrics)}")
+    print(format_per_class(per_class_rows(metrics["confusion"], results.class_names)))
+    print(f"Misclassified: {len(results.mistakes())} of {metrics['count']}")
+
+
+def report_unreadable(unreadable: list[tuple[str, str]]) -> None:
+    if not unreadable:
+        return
+    print(f"warning: {len(unreadable)} unreadable image(s), listed in the outputs as unreadable:", file=sys.stderr)
+    for _, error in unreadable[:MAX_LISTED]:
+        print(f"  {error}", file=sys.stderr)
+    if len(unreadable) > MAX_LISTED:
+        print(f"  ... and {len(unreadable) - MAX_LISTED} more", file=sys.stderr)
+
+
+def draw_safely(draw: Callable[..., None], *args: object) -> None:
+    """Pictures come after the result files: a failure drawing them (a file changed meanwhile,
+    a codec or font problem) is a warning, never a lost run."""
+    try:
+        draw(*args)
+    except Exception as error:  # any drawing failure; the predictions are already saved
+        print(f"warning: pictures not drawn: {type(error).__name__}: {error}", file=sys.stderr)
+
+
+def save_single_picture(results: Predictions, run_dir: Path, show: bool) -> None:
+    from utils.data import read_rgb
+    from utils.visualize import annotate, caption_lines, save_rgb
+
+    (pairs,) = results.topk(1)
+    picture = annotate(read_rgb(results.paths[0]), caption_lines(*pairs[0]), min_side=ANNOTATED_MIN_SIDE)
+    saved = save_rgb(run_dir / f"{Path(results.paths[0]).stem}_pred.jpg", picture)
+    if show:
+        show_picture(picture, saved)
+
+
+def save_grids(results: Predictions, run_dir: Path, count: int, seed: int, show: bool) -> None:
+    """samples.png: `count` random readable images; worst_mistakes.png: the most confident errors."""
+    if count == 0:
+        return
+    readable = results.readable.nonzero().flatten().tolist()
+    if not readable:
+        return
+    chosen = sorted(random.Random(seed).sample(readable, min(count, len(readable))))
+    samples = draw_grid(results, chosen, run_dir / "samples.png")
+    mistakes = results.mistakes()[:count]
+    if mistakes:
+        draw_grid(results, mistakes, run_dir / "worst_mistakes.png")
+    if show:
+        show_picture(samples, run_dir / "samples.png")
+
+
+def draw_grid(results: Predictions, indices: list[int], path: Path) -> np.ndarray:
+    from utils.data import read_rgb
+    from utils.visualize import caption_colour, caption_lines, prediction_grid, save_rgb
+
+    confidence, predicted = results.top1()
+    images, captions, colours = [], [], []
+    for i in indices:
+        name = results.class_names[int(predicted[i])]
+        truth = results.class_names[int(results.labels[i])] if results.labels is not None else None
+        images.append(read_rgb(results.paths[i]))
+        captions.append(caption_lines(name, float(confidence[i]), truth))
+        colours.append(caption_colour(name, truth))
+    grid = prediction_grid(images, captions, colours)
+    save_rgb(path, grid)
+    return grid
+
+
+def show_picture(picture: np.ndarray, saved: Path) -> None:
+    from utils.visualize import show_image
+
+    why_not = show_image(picture, saved.name)
+    if why_not:
+        print(f"note: --show: {why_not}; the picture is saved as {saved}")
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+if __name__ == "__main__":
+    warnings.formatwarning = _one_line_warning  # library warnings as one line, like our errors
+    run_cli(main)

@@ -1,0 +1,384 @@
+"""infer.py end to end: run as a user would (a subprocess) on the checkpoint the session trained
+on the digits (conftest `trained_run`), on real image files; the txt/CSV/JSON outputs are parsed.
+
+Fatal checkpoint mistakes run in-process through `run_cli(infer.main)`, the code path of the
+script, to save torch's start-up per case; one of them also runs as a subprocess.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, run_script, write_image
+
+import infer
+from utils.cli import run_cli
+from utils.data import read_rgb
+from utils.errors import UsageError
+from utils.inputs import find_labels, resolve_inputs
+from utils.predict import Predictor, parse_categories
+from utils.results import TXT_RULE
+from utils.visualize import CORRECT, WRONG
+
+DIGITS = [str(d) for d in range(10)]
+
+
+# ---- fixtures and helpers ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def weights(trained_run) -> str:
+    return str(trained_run / "best.pth")
+
+
+@pytest.fixture(scope="module")
+def bare_weights(weights, tmp_path_factory) -> str:
+    """What other templates save: the weights alone."""
+    path = tmp_path_factory.mktemp("bare") / "state_dict.pth"
+    torch.save(torch.load(weights, weights_only=True)["state_dict"], path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def photos(digits_root, tmp_path_factory) -> Path:
+    """An unlabelled folder: digits under non-ASCII names, a sub-folder, names that sort
+    naturally, a hidden file, a corrupt JPEG and an empty PNG."""
+    root = tmp_path_factory.mktemp("photos") / "照片 photos"
+    sources = sorted((digits_root / "test" / "3").glob("*.png"))[:3] + sorted((digits_root / "test" / "7").glob("*.png"))[:2]
+    for name, source in zip(["img2.png", "img10.png", "café 1.png", "sub/数字.png", "sub/img1.png"], sources):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, root / name)
+    shutil.copy(sources[0], root / ".hidden.png")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "empty.png").write_bytes(b"")
+    return root
+
+
+def infer_run(*args: str, save_dir: Path, env: dict | None = None):
+    return run_script("infer.py", *args, "--save_dir", str(save_dir), env=env)
+
+
+def run_dir_of(save_dir: Path) -> Path:
+    (run_dir,) = [p for p in save_dir.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as file:
+        return list(csv.DictReader(file))
+
+
+def read_txt_blocks(path: Path) -> list[dict]:
+    """predictions.txt back into {"Image": ..., "Predicted class": ..., ...} blocks."""
+    blocks, block = [], {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line == TXT_RULE:
+            blocks.append(block)
+            block = {}
+        else:
+            key, _, value = line.partition(": ")
+            block[key] = value
+    assert block == {}, "the file must end with the dashed line"
+    return blocks
+
+
+def check_outputs_agree(run_dir: Path, expected_paths: list[str]) -> tuple[list[dict], dict]:
+    """txt, CSV and JSON list the same images in the same order with the same answers."""
+    rows = read_csv(run_dir / "predictions.csv")
+    blocks = read_txt_blocks(run_dir / "predictions.txt")
+    report = json.loads((run_dir / "predictions.json").read_text(encoding="utf-8"))
+    assert [r["path"] for r in rows] == expected_paths
+    assert [b["Image"] for b in blocks] == expected_paths
+    assert [p["path"] for p in report["predictions"]] == expected_paths
+    ranks = sum(field.endswith("_probability") for field in rows[0])
+    for row, block, record in zip(rows, blocks, report["predictions"]):
+        if row["status"] == "ok":
+            assert block["Predicted class"] == row["top1_class"] == record["class"]
+            assert percent(block["Probability"]) == pytest.approx(float(row["top1_probability"]), abs=5.1e-5)
+            assert abs(float(row["top1_probability"]) - record["probability"]) < 1e-6
+            probabilities = [float(row[f"top{k}_probability"]) for k in range(1, ranks + 1)]
+            assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1 + 1e-5
+            assert [pair["class"] for pair in record["topk"]] == [row[f"top{k}_class"] for k in range(1, ranks + 1)]
+        else:
+            assert block["Predicted class"] == "(unreadable)" and block["Error"] == row["error"] == record["error"]
+            assert row["top1_class"] == "" and record["class"] is None
+    assert report["count"] == len(expected_paths)
+    assert report["readable"] == sum(r["status"] == "ok" for r in rows)
+    return rows, report
+
+
+def percent(text: str) -> float:
+    """"99.13%" -> 0.9913"""
+    assert text.endswith("%")
+    return float(text[:-1]) / 100
+
+
+def fatal(argv: list[str], capsys) -> str:
+    """Run infer.main in-process the way the script does; expects exit 2 and returns the error line
+    (the last line of stderr; warnings about single files may come before it)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: infer.main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: "), err
+    return last
+
+
+# ---- the input kinds -----------------------------------------------------------------------------
+
+def test_single_image_prints_the_answer_and_saves_it_drawn_in_true_colours(weights, tmp_path):
+    image = np.zeros((375, 500, 3), dtype=np.uint8)
+    image[:, :250] = (255, 0, 0)  # RGB: red left half, blue right half
+    image[:, 250:] = (0, 0, 255)
+    path = write_image(tmp_path / "花 flower.jpg", image)
+    result = infer_run("--weights", weights, "--image_path", str(path), "--show", "--topk", "3",
+                       save_dir=tmp_path / "out", env={"DISPLAY": "", "WAYLAND_DISPLAY": ""})
+    assert result.returncode == 0, result.stderr
+    run_dir = run_dir_of(tmp_path / "out")
+    (row,) = read_csv(run_dir / "predictions.csv")
+    assert f"Image: {path}\nPredicted class: {row['top1_class']}\nProbability: " in result.stdout
+    shown = result.stdout.split("Probability: ")[1].split()[0]
+    assert percent(shown) == pytest.approx(float(row["top1_probability"]), abs=5.1e-5)
+    assert "top3_class" in row and "top4_class" not in row
+    assert "note: --show: no display" in result.stdout
+    annotated = read_rgb(run_dir / "花 flower_pred.jpg")
+    assert annotated.shape[1] == 500 and annotated.shape[0] > 375  # caption bar above, image kept whole
+    assert annotated[-10, 10].tolist() == pytest.approx([255, 0, 0], abs=25)
+    assert annotated[-10, -10].tolist() == pytest.approx([0, 0, 255], abs=25)
+    check_outputs_agree(run_dir, [str(path)])
+
+
+def test_folder_with_corrupt_and_non_ascii_files(weights, photos, tmp_path):
+    result = infer_run("--weights", weights, "--image_path", str(photos), "--num_show", "3", save_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    expected = [str(photos / n) for n in
+                ["broken.jpg", "café 1.png", "empty.png", "img2.png", "img10.png", "sub/img1.png", "sub/数字.png"]]
+    run_dir = run_dir_of(tmp_path)
+    rows, report = check_outputs_agree(run_dir, expected)
+    unreadable = {r["path"] for r in rows if r["status"] == "unreadable"}
+    assert unreadable == {str(photos / "broken.jpg"), str(photos / "empty.png")}
+    assert {u["path"] for u in report["unreadable"]} == unreadable
+    assert "warning: 2 unreadable image(s)" in result.stderr and "broken.jpg" in result.stderr
+    assert report["metrics"] is None and "true_class" not in rows[0]
+    grid = read_rgb(run_dir / "samples.png")
+    assert grid.shape[1] == 3 * 224 + 4 * 6  # three tiles of 224 with gaps
+    assert not (run_dir / "misclassified.csv").exists()
+
+
+def test_glob_and_list_file_together(weights, photos, tmp_path):
+    """A glob (natural order), then a .txt list: relative paths beside the list, a comment, a blank
+    line, a missing file (reported, not fatal), and an image the glob already gave (kept once)."""
+    listing = tmp_path / "lists" / "picks.txt"
+    listing.parent.mkdir()
+    shutil.copytree(photos / "sub", tmp_path / "lists" / "sub")
+    listing.write_text(f"# my picks\nsub/数字.png\n\n{photos / 'img2.png'}\nmissing.png\n", encoding="utf-8")
+    result = infer_run("--weights", weights, "--image_path", str(photos / "img*.png"), str(listing),
+                       save_dir=tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    expected = [str(photos / "img2.png"), str(photos / "img10.png"), str(listing.parent / "sub/数字.png"),
+                str(listing.parent / "missing.png")]
+    rows, _ = check_outputs_agree(run_dir_of(tmp_path / "out"), expected)
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "unreadable"]
+    assert "missing.png" in rows[3]["error"]
+
+
+def test_labelled_tree_metrics_match_a_hand_count_and_training(weights, trained_run, digits_root, tmp_path):
+    result = infer_run("--weights", weights, "--image_path", str(digits_root / "test"), save_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = run_dir_of(tmp_path)
+    rows, report = check_outputs_agree(run_dir, [r["path"] for r in read_csv(run_dir / "predictions.csv")])
+    assert len(rows) == 270 and all(Path(r["path"]).parent.name == r["true_class"] for r in rows)
+
+    hand = hand_count(rows)
+    metrics = report["metrics"]
+    assert metrics["count"] == 270
+    for name in ("top1", "precision", "recall", "f1"):
+        assert metrics[name] == pytest.approx(hand[name], abs=1e-6), name
+    assert f"top1 {hand['top1'] * 100:.2f}%" in result.stdout and f"f1 {hand['f1']:.4f}" in result.stdout
+    per_class = {r["class"]: r for r in read_csv(run_dir / "per_class.csv")}
+    assert {c: int(r["support"]) for c, r in per_class.items()} == Counter(r["true_class"] for r in rows)
+    confusion = torch.tensor(metrics["confusion_matrix"])
+    assert int(confusion.trace()) == sum(r["correct"] == "1" for r in rows)
+
+    # training evaluated the same checkpoint on the same split with the same metrics class
+    trained = json.loads((trained_run / "test_metrics.json").read_text(encoding="utf-8"))
+    assert metrics["top1"] == pytest.approx(trained["top1"], abs=1.01 / 270)
+    assert metrics["f1"] == pytest.approx(trained["f1"], abs=0.01)
+
+    wrong = [r for r in rows if r["correct"] == "0"]
+    mistakes = read_csv(run_dir / "misclassified.csv")
+    assert sorted(m["path"] for m in mistakes) == sorted(r["path"] for r in wrong)
+    confidences = [float(m["probability"]) for m in mistakes]
+    assert confidences == sorted(confidences, reverse=True)
+    assert (run_dir / "confusion_matrix.png").stat().st_size > 10_000
+    if mistakes:  # the worst one is first, with a red caption bar
+        grid = read_rgb(run_dir / "worst_mistakes.png")
+        assert grid[8, 8].tolist() == pytest.approx(list(WRONG), abs=30)
+    samples = read_rgb(run_dir / "samples.png")
+    assert samples[8, 8].tolist() in (pytest.approx(list(CORRECT), abs=30), pytest.approx(list(WRONG), abs=30))
+
+
+def hand_count(rows: list[dict]) -> dict:
+    """Accuracy and macro precision/recall/F1 from the CSV rows, counted by hand."""
+    pairs = [(r["true_class"], r["top1_class"]) for r in rows]
+    precision, recall, f1 = [], [], []
+    for name in DIGITS:
+        true_positive = sum(t == name and p == name for t, p in pairs)
+        predicted = sum(p == name for _, p in pairs)
+        actual = sum(t == name for t, _ in pairs)
+        precision.append(true_positive / predicted if predicted else 0.0)
+        recall.append(true_positive / actual if actual else 0.0)
+        both = precision[-1] + recall[-1]
+        f1.append(2 * precision[-1] * recall[-1] / both if both else 0.0)
+    return {"top1": sum(t == p for t, p in pairs) / len(pairs), "precision": float(np.mean(precision)),
+            "recall": float(np.mean(recall)), "f1": float(np.mean(f1))}
+
+
+def test_bare_state_dict_with_model_and_comma_categories(weights, bare_weights, photos, tmp_path):
+    """Same answers as the full checkpoint gives through the Predictor."""
+    result = infer_run("--weights", bare_weights, "--image_path", str(photos), "--num_show", "0",
+                       "--model", "resnet18", "--categories", ",".join(DIGITS), "--input_shape", "32",
+                       save_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(run_dir_of(tmp_path) / "predictions.csv")
+    readable = [r for r in rows if r["status"] == "ok"]
+    predictor = Predictor.from_checkpoint(weights, device="cpu")
+    probs = torch.cat([b.probs for b in predictor.predict_paths([r["path"] for r in readable])])
+    assert [r["top1_class"] for r in readable] == [DIGITS[i] for i in probs.argmax(1).tolist()]
+    assert [float(r["top1_probability"]) for r in readable] == pytest.approx(probs.max(1).values.tolist(), abs=1e-5)
+    assert not (run_dir_of(tmp_path) / "samples.png").exists()  # --num_show 0
+
+
+def test_runs_never_overwrite_each_other(weights, photos, tmp_path):
+    argv = ["--weights", weights, "--image_path", str(photos / "img2.png"), "--save_dir", str(tmp_path)]
+    first, second = infer.main(argv), infer.main(argv)
+    assert first["run_dir"] != second["run_dir"]
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("image_path, message", [
+    ("does/not/exist", "--image_path does/not/exist does not exist"),
+    ("EMPTY", "holds no image files"),
+    ("nothing/*.jpg", "matches no image files"),
+    ("EMPTY_LIST", "lists no image paths"),
+])
+def test_bad_image_path_is_one_line_and_exit_2(weights, tmp_path, image_path, message):
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "EMPTY" / "notes.txt").write_text("no images here")
+    (tmp_path / "EMPTY_LIST.txt").write_text("# nothing\n\n")
+    spec = image_path if "/" in image_path else str(tmp_path / (image_path + (".txt" if "LIST" in image_path else "")))
+    result = infer_run("--weights", weights, "--image_path", spec, save_dir=tmp_path / "out")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and message in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_categories_count_differing_from_the_checkpoint_in_a_real_process(weights, photos, tmp_path):
+    result = infer_run("--weights", weights, "--image_path", str(photos), "--categories", "cat", "dog",
+                       save_dir=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == (f"error: --categories gives 2 names but {weights} was trained for 10 classes "
+                             "(0, 1, 2, 3, 4, 5, 6, 7, 8, 9); drop --categories or give exactly 10 names\n")
+
+
+def test_fatal_checkpoint_mistakes(weights, bare_weights, photos, tmp_path, capsys):
+    images = ["--image_path", str(photos), "--save_dir", str(tmp_path)]
+    assert "checkpoint nope.pth does not exist" in fatal(["--weights", "nope.pth", *images], capsys)
+    assert "bare state_dict: also give --model and --categories" in fatal(["--weights", bare_weights, *images], capsys)
+    err = fatal(["--weights", bare_weights, *images, "--model", "resnet18", "--categories", "a", "b", "c",
+                 "--input_shape", "32"], capsys)
+    assert "has a 10-class head (fc.weight) but 3 class names were given (--categories)" in err
+    err = fatal(["--weights", bare_weights, *images, "--model", "mobilenet_v3_small", "--categories", *DIGITS], capsys)
+    assert "does not fit the model" in err
+    assert "unknown --model 'resnet_18'" in fatal(["--weights", bare_weights, *images, "--model", "resnet_18",
+                                                    "--categories", *DIGITS], capsys)
+    not_a_checkpoint = str(photos / "img2.png")
+    assert not_a_checkpoint in fatal(["--weights", not_a_checkpoint, *images], capsys)
+    assert "--categories names 1 more than once" in fatal(["--weights", weights, *images, "--categories", "1,1"],
+                                                          capsys)
+    assert not list(tmp_path.iterdir())  # nothing written for a run that could not start
+
+
+def test_unreadable_inputs_that_leave_nothing_to_predict(weights, photos, tmp_path, capsys):
+    err = fatal(["--weights", weights, "--image_path", str(photos / "broken.jpg"), "--save_dir", str(tmp_path)], capsys)
+    assert "broken.jpg" in err
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    shutil.copy(photos / "broken.jpg", only_bad / "a.jpg")
+    shutil.copy(photos / "empty.png", only_bad / "b.png")
+    err = fatal(["--weights", weights, "--image_path", str(only_bad), "--save_dir", str(tmp_path / "out")], capsys)
+    assert "none of the 2 images could be read" in err
+    rows = read_csv(run_dir_of(tmp_path / "out") / "predictions.csv")  # still listed, with the reasons
+    assert [r["status"] for r in rows] == ["unreadable", "unreadable"]
+
+
+def test_flags_notes_and_labelled_tree_detection(weights, digits_root, tmp_path, capsys):
+    """A train.py checkpoint decides the model; a folder whose sub-folders are not all classes is
+    predicted without evaluation, and says why."""
+    tree = tmp_path / "tree"
+    for name in ("3", "holiday"):
+        shutil.copytree(digits_root / "test" / "3", tree / name)
+    summary = infer.main(["--weights", weights, "--image_path", str(tree), "--model", "vgg11", "--input_shape", "64",
+                          "--save_dir", str(tmp_path / "out"), "--num_show", "0", "--batch_size", "7"])
+    out = capsys.readouterr().out
+    assert summary["metrics"] is None and summary["count"] == 2 * 28
+    assert "note: --model vgg11 ignored: " in out and "note: --input_shape ignored" in out
+    assert "folder(s) holiday in" in out and "are not classes of the checkpoint" in out
+
+
+@pytest.mark.slow
+def test_bench_quick_prints_the_table():
+    result = run_script("bench/bench_infer.py", "--quick", cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "| path | images | images/s | ms/image | speed-up |" in lines
+    rows = [line for line in lines if line.startswith("| ") and "x |" in line]
+    assert rows[0].startswith("| per-image loop") and rows[0].endswith("| 1.00x |")
+    assert "(infer.py)" in rows[-1] and float(rows[-1].split("|")[3]) > 0
+
+
+# ---- the pieces, in-process ----------------------------------------------------------------------
+
+def test_list_entries_fall_back_to_the_current_folder(tmp_path, monkeypatch):
+    write_image(tmp_path / "here" / "a.png", np.zeros((8, 8, 3), dtype=np.uint8))
+    write_image(tmp_path / "lists" / "b.png", np.zeros((8, 8, 3), dtype=np.uint8))
+    (tmp_path / "lists" / "l.txt").write_text("here/a.png\nb.png\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    inputs = resolve_inputs([str(Path("lists") / "l.txt")])
+    assert inputs.paths == ["here/a.png", str(Path("lists") / "b.png")]
+    assert not inputs.single and inputs.folder is None
+
+
+def test_labelled_tree_detection(tmp_path):
+    for relative in ("3/a.png", "7/deeper/b.png", "7/c.png"):
+        write_image(tmp_path / "tree" / relative, np.zeros((8, 8, 3), dtype=np.uint8))
+    labels, note = find_labels(resolve_inputs([str(tmp_path / "tree")]), DIGITS)
+    assert labels is not None and note is None
+    assert labels.indices == [3, 7, 7] and labels.class_folders == ["3", "7"]
+    write_image(tmp_path / "tree" / "loose.png", np.zeros((8, 8, 3), dtype=np.uint8))
+    labels, note = find_labels(resolve_inputs([str(tmp_path / "tree")]), DIGITS)
+    assert labels is None and "1 image(s) lie directly in" in note
+    labels, note = find_labels(resolve_inputs([str(tmp_path / "tree")]), ["cat", "dog"])
+    assert labels is None and note is None  # nothing class-like: a plain folder
+    labels, note = find_labels(resolve_inputs([str(tmp_path / "tree" / "3" / "a.png")]), DIGITS)
+    assert labels is None and note is None
+
+
+def test_parse_categories():
+    assert parse_categories(["daisy", "dandelion"]) == ["daisy", "dandelion"]
+    assert parse_categories(["daisy,dandelion", "rose"]) == ["daisy", "dandelion", "rose"]
+    assert parse_categories(["sea lion, seal"]) == ["sea lion", "seal"]
+    assert parse_categories(None) is None
+    with pytest.raises(UsageError, match="names a more than once"):
+        parse_categories(["a", "b", "a"])

@@ -1,0 +1,268 @@
+"""train.py end to end, run as a user runs it: a subprocess on real image files."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, make_class_tree, run_script, write_image
+from PIL import Image
+
+FAST = ["--model", "mobilenet_v3_small", "--input_shape", "32", "--batch_size", "8", "--workers", "0"]
+
+
+def _only_run(log_dir: Path) -> Path:
+    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def _history(run_dir: Path) -> list[dict]:
+    with open(run_dir / "history.csv", newline="", encoding="utf-8") as file:
+        return list(csv.DictReader(file))
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha1()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") or "usage:" in result.stderr
+    for needle in needles:
+        assert needle in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_default_reaches_95_percent_and_fills_the_run_folder(tmp_path):
+    result = run_script("train.py", "--log_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "built-in demo" in result.stdout
+    run_dir = _only_run(tmp_path)
+    test_metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert test_metrics["top1"] >= 0.95, test_metrics
+    assert len(test_metrics["per_class"]) == 10 and sum(r["support"] for r in test_metrics["per_class"]) == 270
+    for name in ("args.json", "train.log", "dataset_report.txt", "model_summary.txt", "best.pth", "last.pth",
+                 "per_class.csv", "plots/loss.png", "plots/accuracy.png", "plots/lr.png", "plots/confusion_matrix.png"):
+        assert (run_dir / name).is_file(), name
+    assert [int(r["epoch"]) for r in _history(run_dir)] == list(range(1, 11))
+    checkpoint = torch.load(run_dir / "best.pth", weights_only=True)
+    assert checkpoint["format"] == "pytorch-classification/1" and checkpoint["model"] == "resnet18"
+    assert checkpoint["class_names"] == [str(d) for d in range(10)]
+    assert checkpoint["preprocess"]["input_size"] == [32, 32] and "optimizer" not in checkpoint
+    assert "optimizer" in torch.load(run_dir / "last.pth", weights_only=True)
+    assert "epoch 10/10" in (run_dir / "train.log").read_text(encoding="utf-8")
+
+
+def _awkward_tree(root: Path) -> Path:
+    """Two classes with non-ASCII names, spaced file names and every awkward image kind."""
+    make_class_tree(root, {"chat é": 10, "狗": 10}, size=24)
+    extras = root / "train" / "chat é"
+    Image.new("L", (30, 20), 200).save(extras / "gray scale.png")
+    Image.new("RGBA", (30, 20), (220, 40, 40, 128)).save(extras / "rgba.png")
+    Image.fromarray(np.full((20, 30), 60000, np.uint16)).save(extras / "deep 16.png")
+    rotated = Image.new("RGB", (30, 20), (220, 40, 40))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(extras / "exif.jpg", exif=exif)
+    (extras / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (extras / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_binary_awkward_images_train_and_the_dataset_is_untouched(tmp_path):
+    root = _awkward_tree(tmp_path / "données")
+    before = _tree_digest(root)
+    result = run_script("train.py", "--dataset_path", str(root), *FAST[:-2], "--workers", "2", "--epochs", "2",
+                        "--log_dir", str(tmp_path / "logs"), "--augment", "randaugment", "--resize_mode", "letterbox")
+    assert result.returncode == 0, result.stderr
+    run_dir = _only_run(tmp_path / "logs")
+    report = (run_dir / "dataset_report.txt").read_text(encoding="utf-8")
+    assert "corrupt.jpg" in report and "Skipped 1 file" in report
+    assert "chat é" in report and "狗" in report
+    rows = _history(run_dir)
+    assert len(rows) == 2 and 0 <= float(rows[-1]["val_acc"]) <= 1
+    assert _tree_digest(root) == before
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8")
+
+
+def _wait_for_epochs(run_parent: Path, count: int, process: subprocess.Popen, timeout: float = 300) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = [p for p in run_parent.iterdir() if (p / "history.csv").is_file()] if run_parent.is_dir() else []
+        if runs and len(_history(runs[0])) >= count:
+            return runs[0]
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError("training did not reach the expected epoch in time")
+
+
+def test_resume_after_sigkill_is_exact_and_history_continues(tmp_path):
+    root = make_class_tree(tmp_path / "ds", {"a": 24, "b": 24}, size=32)
+    common = ["--dataset_path", str(root), *FAST, "--epochs", "4", "--deterministic", "--seed", "5"]
+    straight = run_script("train.py", *common, "--log_dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+
+    broken_logs = tmp_path / "broken"
+    process = _start([*common, "--log_dir", str(broken_logs)])
+    run_dir = _wait_for_epochs(broken_logs, 1, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(_history(run_dir)) < 4, "the run finished before it could be killed"
+
+    resumed = run_script("train.py", "--resume", "auto", "--log_dir", str(broken_logs))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resumed from" in resumed.stdout
+    assert [p for p in broken_logs.iterdir() if p.is_dir()] == [run_dir]  # continued in its own folder
+
+    straight_dir = _only_run(tmp_path / "straight")
+    reference = torch.load(straight_dir / "last.pth", weights_only=True)["state_dict"]
+    continued = torch.load(run_dir / "last.pth", weights_only=True)["state_dict"]
+    assert all(torch.equal(reference[k], continued[k]) for k in reference)
+    rows, reference_rows = _history(run_dir), _history(straight_dir)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+    for key in ("lr", "train_loss", "val_loss", "val_acc"):
+        assert [r[key] for r in rows] == [r[key] for r in reference_rows], key
+
+
+def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
+    root = make_class_tree(tmp_path / "ds", {"a": 24, "b": 24}, size=32)
+    process = _start(["--dataset_path", str(root), *FAST, "--epochs", "50", "--log_dir", str(tmp_path / "logs")])
+    run_dir = _wait_for_epochs(tmp_path / "logs", 1, process)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "--resume_training" in out
+    checkpoint = torch.load(run_dir / "last.pth", weights_only=True)
+    assert "optimizer" in checkpoint and f"holds epoch {checkpoint['epoch']};" in out
+
+
+def test_diverging_loss_stops_with_a_hint(tmp_path):
+    root = make_class_tree(tmp_path / "ds", {"a": 8, "b": 8}, size=32)
+    result = run_script("train.py", "--dataset_path", str(root), *FAST, "--epochs", "3", "--optimizer_type", "sgd",
+                        "--lr", "1e30", "--log_dir", str(tmp_path / "logs"))
+    _assert_clean_error(result, "lower --lr")
+
+
+def test_fine_tune_from_a_trained_run_keeps_the_backbone_and_renews_the_head(tmp_path, trained_run):
+    root = make_class_tree(tmp_path / "ds", {"a": 6, "b": 6, "c": 6}, size=32)
+    result = run_script("train.py", "--dataset_path", str(root), "--model", "resnet18", "--input_shape", "32",
+                        "--workers", "0", "--epochs", "1", "--pretrained", str(trained_run / "best.pth"),
+                        "--freeze_backbone", "--log_dir", str(tmp_path / "logs"))
+    assert result.returncode == 0, result.stderr
+    assert "re-initialised 2: fc.weight, fc.bias" in result.stdout
+    source = torch.load(trained_run / "best.pth", weights_only=True)["state_dict"]
+    tuned = torch.load(_only_run(tmp_path / "logs") / "best.pth", weights_only=True)
+    backbone = [k for k in source if not k.startswith("fc.")]
+    assert all(torch.equal(source[k], tuned["state_dict"][k]) for k in backbone)
+    assert tuned["state_dict"]["fc.weight"].shape == (3, 512) and source["fc.weight"].shape == (10, 512)
+    assert tuned["pretrained"]["source"] == "file"
+
+
+def test_unsplit_tree_with_val_ratio_trains_without_copying(tmp_path):
+    make_class_tree(tmp_path, {"a": 10, "b": 10}, size=24, splits=("flat",))
+    before = _tree_digest(tmp_path / "flat")
+    result = run_script("train.py", "--dataset_path", str(tmp_path / "flat"), "--val_ratio", "0.2", *FAST,
+                        "--epochs", "1", "--log_dir", str(tmp_path / "logs"))
+    assert result.returncode == 0, result.stderr
+    assert "split in memory" in result.stdout
+    assert _tree_digest(tmp_path / "flat") == before
+
+
+def test_tensorboard_channels_last_and_amp_switches(tmp_path):
+    root = make_class_tree(tmp_path / "ds", {"a": 6, "b": 6}, size=24)
+    result = run_script("train.py", "--dataset_path", str(root), *FAST, "--epochs", "1", "--tensorboard",
+                        "--channels_last", "--amp", "--device", "cpu", "--log_dir", str(tmp_path / "logs"))
+    assert result.returncode == 0, result.stderr
+    run_dir = _only_run(tmp_path / "logs")
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    from utils.device import cpu_has_native_bf16
+
+    if cpu_has_native_bf16():
+        assert "precision: torch.bfloat16" in result.stdout
+    else:  # bf16 without hardware support is many times slower than fp32: --amp must not slow training down
+        assert "--amp ignored" in result.stderr and "precision: torch.float32" in result.stdout
+
+
+def test_list_models():
+    result = run_script("train.py", "--list_models")
+    assert result.returncode == 0
+    for name in ("resnet18", "vit_b_16", "swin_v2_t", "convnext_tiny", "regnet_y_400mf", "efficientnet_v2_s"):
+        assert name in result.stdout
+
+
+def _bad_input(tmp_path: Path, case: str) -> tuple[list[str], str]:
+    good = make_class_tree(tmp_path / "good", {"a": 2, "b": 2}, size=24)
+    if case == "missing":
+        return ["--dataset_path", str(tmp_path / "nope")], "does not exist"
+    if case == "extra_val_class":
+        make_class_tree(good, {"zebra": 1}, size=24, splits=("val",))
+        return ["--dataset_path", str(good)], "zebra"
+    if case == "empty_class":
+        (good / "train" / "empty").mkdir()
+        return ["--dataset_path", str(good)], "empty class folder"
+    if case == "all_corrupt":
+        bad = tmp_path / "bad"
+        for split in ("train", "val"):
+            (bad / split / "a").mkdir(parents=True)
+            (bad / split / "a" / "x.jpg").write_bytes(b"junk")
+        return ["--dataset_path", str(bad)], "no readable training images"
+    if case == "unknown_model":
+        return ["--dataset_path", str(good), "--model", "resnet181"], "Did you mean"
+    if case == "num_classes":
+        return ["--dataset_path", str(good), "--num_classes", "5"], "--num_classes 5"
+    if case == "input_too_small":
+        return ["--dataset_path", str(good), "--model", "alexnet", "--input_shape", "32"], "too small"
+    if case == "weights_not_a_checkpoint":
+        (tmp_path / "w.pth").write_text("text")
+        return ["--dataset_path", str(good), "--weights", str(tmp_path / "w.pth")], "w.pth"
+    if case == "weights_missing":
+        return ["--dataset_path", str(good), "--weights", str(tmp_path / "none.pth")], "none.pth"
+    if case == "resume_not_resumable":
+        torch.save({"w": torch.zeros(1)}, tmp_path / "bare.pth")
+        return ["--resume_training", str(tmp_path / "bare.pth")], "not resumable"
+    if case == "bad_number":
+        return ["--dataset_path", str(good), "--batch_size", "0"], "--batch_size"
+    if case == "unknown_flag":
+        return ["--dataset_path", str(good), "--epoch", "x"], "--epoch"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", [
+    "missing", "extra_val_class", "empty_class", "all_corrupt", "unknown_model", "num_classes", "input_too_small",
+    "weights_not_a_checkpoint", "weights_missing", "resume_not_resumable", "bad_number", "unknown_flag",
+])
+def test_user_mistakes_get_one_clear_line(tmp_path, case):
+    args, needle = _bad_input(tmp_path, case)
+    result = run_script("train.py", *args, "--log_dir", str(tmp_path / "logs"), "--workers", "0", "--epochs", "1")
+    _assert_clean_error(result, needle)
+
+
+def test_grayscale_only_dataset_with_jpeg_extension_case(tmp_path):
+    for split in ("train", "val"):
+        for name, value in (("dark", 30), ("light", 220)):
+            for k in range(4):
+                write_image(tmp_path / "ds" / split / name / f"IMG_{k}.JPG", np.full((20, 20), value, np.uint8))
+    result = run_script("train.py", "--dataset_path", str(tmp_path / "ds"), *FAST, "--epochs", "1",
+                        "--log_dir", str(tmp_path / "logs"))
+    assert result.returncode == 0, result.stderr
+    assert "dark" in (_only_run(tmp_path / "logs") / "dataset_report.txt").read_text()

@@ -1,0 +1,296 @@
+"""The desktop viewer (ui_classification/, runui.py), driven for real with pytest-qt, offscreen.
+
+The window loads the checkpoint the session trained on the digits (conftest `trained_run`),
+classifies real PNG folders in its worker thread, and is compared with the Predictor and
+ClassificationMetrics run directly on the same files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_script
+from PyQt5.QtCore import Qt, QTimer
+from PyQt5.QtWidgets import QApplication, QMessageBox
+
+from ui_classification.results import LOG_FILE, PREDICTIONS_CSV
+from ui_classification.strings import TEXT, Text
+from ui_classification.window import ViewerOptions, ViewerWindow
+from utils.files import list_images
+from utils.metrics import ClassificationMetrics
+from utils.predict import Predictor
+
+# The README's screenshot is refreshed only on request (UPDATE_SCREENSHOT=1), so a test run never
+# rewrites a tracked file; otherwise the screenshot goes to the test's temporary folder.
+README_SCREENSHOT = REPO / "docs" / "ui_screenshot.png"
+RUN_TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_run) -> str:
+    return str(trained_run / "best.pth")
+
+
+@pytest.fixture(scope="module")
+def test_dir(digits_root) -> Path:
+    return digits_root / "test"
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, test_dir) -> dict:
+    """What the shared Predictor + ClassificationMetrics give on the folder, without the window."""
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
+    paths = list_images(test_dir)
+    probs = torch.cat([batch.probs for batch in predictor.predict_paths(paths, batch_size=64)])
+    targets = torch.tensor([predictor.class_names.index(Path(p).parent.name) for p in paths])
+    metrics = ClassificationMetrics(len(predictor.class_names))
+    metrics.update(probs, targets)
+    predicted = [predictor.class_names[i] for i in probs.argmax(1).tolist()]
+    return {"metrics": metrics.compute(), "paths": paths, "predicted": dict(zip(paths, predicted)),
+            "probability": dict(zip(paths, probs.max(1).values.tolist())), "class_names": predictor.class_names}
+
+
+@pytest.fixture
+def open_window(qtbot, checkpoint):
+    """Opens a viewer on the trained checkpoint and waits until the worker has loaded it."""
+    windows = []
+
+    def open_(**options) -> ViewerWindow:
+        window = ViewerWindow(ViewerOptions(weights=checkpoint, device="cpu", **options))
+        qtbot.addWidget(window)
+        window.show()
+        windows.append(window)
+        qtbot.waitUntil(lambda: window.model_info is not None or window.last_message is not None, timeout=60_000)
+        return window
+
+    yield open_
+    for window in windows:
+        window.shutdown()
+
+
+def run_to_end(qtbot, window: ViewerWindow) -> None:
+    assert window.start_run(), window.last_message
+    qtbot.waitUntil(lambda: not window.running, timeout=RUN_TIMEOUT_MS)
+
+
+def answer_next_question(button: QMessageBox.StandardButton) -> None:
+    """Click `button` in the next modal question box as soon as it is open (a real click, no mock)."""
+
+    def click() -> None:
+        box = QApplication.activeModalWidget()
+        if isinstance(box, QMessageBox):
+            box.button(button).click()
+        else:
+            QTimer.singleShot(20, click)
+
+    QTimer.singleShot(20, click)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as file:
+        return list(csv.DictReader(file))
+
+
+def test_text_tables_have_the_same_keys_and_placeholders():
+    def placeholders(value: str) -> set:
+        return {name for _, name, _, _ in string.Formatter().parse(value) if name}
+
+    english, chinese = TEXT["en"], TEXT["zh"]
+    assert set(english) == set(chinese)
+    mismatched = [key for key in english if placeholders(english[key]) != placeholders(chinese[key])]
+    assert mismatched == []
+
+
+def test_run_browse_record_match_the_shared_metrics(qtbot, open_window, test_dir, reference, trained_run,
+                                                     tmp_path):
+    save_dir = tmp_path / "saved"
+    save_dir.mkdir()
+    window = open_window(image_dir=str(test_dir), save_dir=str(save_dir), batch_size=16)
+    assert window.windowTitle().startswith("resnet18: 10 classes (0, 1, 2")
+    run_to_end(qtbot, window)
+    count = len(reference["paths"])
+
+    # the live metrics after the run are the shared ones over the same folder
+    assert window.live.total == window.live.labelled == len(window.predictions) == count
+    expected = reference["metrics"]
+    for name in ("top1", "precision", "recall", "f1"):
+        assert window.live.values[name] == pytest.approx(expected[name], abs=1e-6), name
+    assert torch.equal(window.live.values["confusion"], expected["confusion"])
+    trained = json.loads((trained_run / "test_metrics.json").read_text())  # train.py's own test evaluation
+    assert window.live.values["top1"] == pytest.approx(trained["top1"], abs=1e-6)
+    assert window.live.values["f1"] == pytest.approx(trained["f1"], abs=1e-6)
+    panel = window.metrics_view.toPlainText()
+    assert f"Accuracy: {expected['top1']:.2%}" in panel
+    assert f"F1 (macro): {expected['f1']:.4f}" in panel
+    assert [p.path for p in window.predictions] == reference["paths"]
+    class_names = reference["class_names"]
+    assert [class_names[p.predicted_index] for p in window.predictions] == [reference["predicted"][p] for p in reference["paths"]]
+
+    # browsing: buttons, keys, bounds
+    assert window.current == 0 and not window.previous_button.isEnabled()
+    window.show_next()
+    qtbot.keyClick(window, Qt.Key_Right)
+    assert window.current == 2
+    qtbot.keyClick(window, Qt.Key_Left)
+    assert window.current == 1
+    window.show_previous()
+    window.show_previous()
+    assert window.current == 0
+    shown = window.predictions[0]
+    assert f"Prediction: {class_names[shown.predicted_index]}" in window.current_label.text()
+    assert f"True class: {Path(shown.path).parent.name}" in window.current_label.text()
+    assert window.verdict_label.text() == ("✓ correct" if shown.correct else "✗ incorrect")
+    assert not window.image_view.pixmap().isNull()
+
+    # one annotated copy per image, under distinct names
+    saved = sorted(p.saved_path for p in window.predictions)
+    assert len(set(saved)) == count and all(Path(p).parent == save_dir and Path(p).is_file() for p in saved)
+
+    # Record: predictions.csv + the log into the save folder; a second Record does not overwrite the first
+    window.record()
+    rows = read_csv(save_dir / PREDICTIONS_CSV)
+    assert [row["path"] for row in rows] == reference["paths"]
+    for row in rows:
+        assert row["prediction"] == reference["predicted"][row["path"]]
+        assert float(row["probability"]) == pytest.approx(reference["probability"][row["path"]], abs=1e-5)
+        assert row["true_class"] == Path(row["path"]).parent.name
+    assert "Finished: " in (save_dir / LOG_FILE).read_text(encoding="utf-8")
+    window.record()
+    assert (save_dir / "predictions-1.csv").is_file() and len(read_csv(save_dir / PREDICTIONS_CSV)) == count
+
+    # the screenshot for the README: show a mistake, if the short training left one, to show the red mark
+    wrong = next((i for i, p in enumerate(window.predictions) if p.correct is False), 0)
+    window.show_index(wrong)
+    screenshot = README_SCREENSHOT if os.environ.get("UPDATE_SCREENSHOT") == "1" else tmp_path / "ui_screenshot.png"
+    screenshot.parent.mkdir(exist_ok=True)
+    assert window.grab().save(str(screenshot))
+    assert screenshot.stat().st_size > 10_000
+
+
+def test_autoplay_pause_and_resume(qtbot, open_window, test_dir):
+    window = open_window(image_dir=str(test_dir), interval=0.02)
+    run_to_end(qtbot, window)
+    window.set_autoplay(True)
+    qtbot.waitUntil(lambda: window.current >= 3, timeout=10_000)
+    qtbot.keyClick(window, Qt.Key_Space)
+    assert window.paused and window.pause_button.text() == "Resume"
+    stopped_at = window.current
+    qtbot.wait(300)  # fifteen intervals: autoplay would have moved on
+    assert window.current == stopped_at
+    window.toggle_pause()
+    qtbot.waitUntil(lambda: window.current > stopped_at, timeout=10_000)
+    window.show_index(len(window.predictions) - 2)
+    qtbot.waitUntil(lambda: not window.autoplaying, timeout=10_000)
+    assert window.current == len(window.predictions) - 1
+    assert "Autoplay reached the last image" in window.log_lines[-1]
+
+
+def test_corrupt_image_same_names_and_unlabelled_folder(qtbot, open_window, test_dir, tmp_path):
+    images = tmp_path / "images"
+    three, five = sorted((test_dir / "3").iterdir())[0], sorted((test_dir / "5").iterdir())[0]
+    for source, target in ((three, images / "3" / "same.png"), (five, images / "5" / "same.png"),
+                           (five, images / "unsorted" / "other.png")):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    (images / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a picture")
+    save_dir = tmp_path / "saved"
+    save_dir.mkdir()
+    (save_dir / "same.png").write_bytes(b"the user's own file")
+    window = open_window(image_dir=str(images), save_dir=str(save_dir))
+    run_to_end(qtbot, window)
+
+    assert window.last_message is None  # a bad image is logged, not a message box
+    assert window.live.total == 4 and window.live.skipped == 1 and window.live.labelled == 2
+    assert any("Skipped unreadable image" in line and "broken.png" in line for line in window.log_lines)
+    assert [Path(p.path).name for p in window.predictions] == ["same.png", "same.png", "other.png"]
+    assert window.predictions[2].true_index is None and window.predictions[2].correct is None
+    assert (save_dir / "same.png").read_bytes() == b"the user's own file"
+    saved = {Path(p.saved_path).name for p in window.predictions}
+    assert saved == {"same-1.png", "same-2.png", "other.png"}
+    window.record()
+    rows = read_csv(save_dir / PREDICTIONS_CSV)
+    assert [row["true_class"] for row in rows] == ["3", "5", ""]
+
+
+def test_problems_give_a_message_and_keep_the_window(qtbot, open_window, test_dir, tmp_path):
+    window = open_window()
+    window.record()
+    assert window.last_message == "Nothing to record yet: press Run first."
+    assert not window.start_run() and window.last_message == "Choose an image folder first."
+
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("not an image")
+    window.set_image_dir(str(empty))
+    assert not window.start_run()
+    assert window.last_message.startswith(f"No images in {empty}")
+    assert window.message_box.isVisible() and not window.message_box.isModal()
+
+    window.set_image_dir(str(test_dir))
+    window.set_save_dir(str(tmp_path / "missing"))
+    assert not window.start_run() and "missing does not exist" in window.last_message
+
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    window.set_checkpoint(str(bad))
+    qtbot.waitUntil(lambda: "bad.pth" in (window.last_message or ""), timeout=30_000)
+    assert window.last_message.startswith("Cannot load the checkpoint:")
+    assert window.model_info.model_name == "resnet18"  # the earlier model stays loaded and usable
+    window.set_save_dir(None)
+    run_to_end(qtbot, window)
+    assert len(window.predictions) == len(list_images(test_dir))
+
+
+def test_stop_ends_the_run_and_the_next_run_is_complete(qtbot, open_window, test_dir):
+    window = open_window(image_dir=str(test_dir), batch_size=1)
+    assert window.start_run()
+    window.toggle_run()  # the Run button reads Stop while a run is active
+    assert window.run_button.text() == "Stopping…" and not window.run_button.isEnabled()
+    qtbot.waitUntil(lambda: not window.running, timeout=RUN_TIMEOUT_MS)
+    assert "Stopped after" in window.log_lines[-1] and window.run_button.text() == "Run"
+    assert len(window.predictions) < len(list_images(test_dir))
+    window.options.batch_size = 64
+    run_to_end(qtbot, window)
+    assert len(window.predictions) == window.live.total == len(list_images(test_dir))
+
+
+def test_closing_during_a_run_asks_first(qtbot, open_window, test_dir):
+    window = open_window(image_dir=str(test_dir), batch_size=1)
+    assert window.start_run()
+    window.toggle_pause()  # hold the run open
+    answer_next_question(QMessageBox.No)
+    assert not window.close()
+    assert window.isVisible() and window.running
+    answer_next_question(QMessageBox.Yes)
+    assert window.close()
+    assert not window.isVisible() and not window.running
+    assert window.worker_thread.isFinished()
+    assert len(window.predictions) < len(list_images(test_dir))
+
+
+def test_chinese_text(qtbot, open_window, tmp_path):
+    window = open_window(lang="zh", title="数字识别")
+    zh = Text("zh")
+    assert window.windowTitle() == "数字识别"
+    assert window.run_button.text() == zh("run") and window.record_button.text() == zh("record")
+    window.set_image_dir(str(tmp_path))
+    assert not window.start_run()
+    assert window.last_message.startswith(f"{tmp_path} 中没有图片")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--weights", "missing.pth"], "error: --weights missing.pth does not exist or is not a file"),
+    (["--image_dir", "no_such_folder"], "error: --image_dir no_such_folder does not exist or is not a folder"),
+    (["--interval", "0"], "error: --interval must be more than 0 seconds, got 0.0"),
+])
+def test_runui_refuses_bad_flags_in_one_line(flags, message):
+    result = run_script("runui.py", *flags)
+    assert result.returncode == 2
+    assert result.stderr.strip() == message

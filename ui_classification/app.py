@@ -1,0 +1,84 @@
+"""Command line and start-up of the viewer (runui.py is a thin wrapper around `main`).
+
+Qt and torch are imported only after the flags passed their checks, so a typo fails in a moment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Optional
+
+from ui_classification.strings import LANGUAGES
+from utils.errors import UsageError
+
+if TYPE_CHECKING:
+    from ui_classification.window import ViewerOptions, ViewerWindow
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Desktop viewer: classify a folder image by image with a trained checkpoint and watch the metrics.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--weights", default=None, help="checkpoint to load (logs/<run>/best.pth); or choose it in the window")
+    parser.add_argument("--image_dir", "--image-dir", default=None,
+                        help="folder of images (sub-folders included); images in a folder named after a class count toward the metrics")
+    parser.add_argument("--save_dir", "--save-dir", default=None,
+                        help="existing folder for annotated images and for Record's predictions.csv and log")
+    parser.add_argument("--title", default=None, help="window title; default: the checkpoint's model and classes")
+    parser.add_argument("--lang", choices=LANGUAGES, default="en", help="language of the window's text")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=32,
+                        help="images classified per batch, ahead of what is shown")
+    parser.add_argument("--interval", type=float, default=1.0, help="autoplay: seconds per image")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad flags before a window opens: one line naming the flag."""
+    if args.weights is not None and not os.path.isfile(args.weights):
+        raise UsageError(f"--weights {args.weights} does not exist or is not a file")
+    for flag, folder in (("--image_dir", args.image_dir), ("--save_dir", args.save_dir)):
+        if folder is not None and not os.path.isdir(folder):
+            raise UsageError(f"{flag} {folder} does not exist or is not a folder")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if not args.interval > 0:
+        raise UsageError(f"--interval must be more than 0 seconds, got {args.interval}")
+    from utils.device import select_device
+
+    select_device(args.device)
+
+
+def options_from_args(args: argparse.Namespace) -> ViewerOptions:
+    from ui_classification.window import ViewerOptions
+
+    return ViewerOptions(weights=args.weights, image_dir=args.image_dir, save_dir=args.save_dir, title=args.title,
+                         lang=args.lang, device=args.device, batch_size=args.batch_size, interval=args.interval)
+
+
+def keep_window_on_errors(window: ViewerWindow) -> None:
+    """PyQt aborts on an exception escaping a slot; show it in the window instead and carry on."""
+
+    def report(kind, error, tb) -> None:
+        traceback.print_exception(kind, error, tb)
+        window.show_message(window.text("err_unexpected", message=f"{kind.__name__}: {error}"))
+
+    sys.excepthook = report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
+    from PyQt5.QtWidgets import QApplication
+
+    from ui_classification.window import ViewerWindow
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    window = ViewerWindow(options_from_args(args))
+    keep_window_on_errors(window)
+    window.show()
+    return app.exec_()
