@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.crop_scale = max(args.crop_scale, 0.5)  # 32-pixel digits: small crops lose the digit
     args.epochs = args.epochs or 30
     scan = scan_dataset(args.dataset_path, args.val_ratio, args.test_ratio, args.seed)
+    cache_dir = resolve_cache_dir(args.cache, args.cache_dir, args.log_dir, args.dataset_path)  # before any write
     class_names = scan.class_names
     check_same_on_all_ranks((class_names, {split: len(samples) for split, samples in scan.splits.items()}),
                             f"the dataset at {args.dataset_path}")
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     eval_loaders = {split: create_dataloader(dataset, args.batch_size, False, workers, device, sampler=eval_sampler(dataset))
                     for split, dataset in eval_sets.items()}
     log.info(cache_datasets(args.cache, preprocess, train_set, list(eval_sets.values()),
-                            resolve_cache_dir(args.cache, args.cache_dir, args.log_dir, args.dataset_path), workers,
+                            cache_dir, workers,
                             show_progress=sys.stderr.isatty() and not args.quiet and main_process))
 
     # ---- model ------------------------------------------------------------------------------

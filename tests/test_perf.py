@@ -83,6 +83,15 @@ def test_disk_cache_stays_outside_the_dataset_and_follows_edits(tmp_path):
     assert resolve_cache_dir("disk", None, tmp_path / "logs", dataset_dir) == tmp_path / "logs" / ".cache" / "images"
 
 
+def test_train_refuses_a_cache_dir_inside_the_dataset_before_writing_anything(tmp_path):
+    data = make_class_tree(tmp_path / "ds", {"a": 2, "b": 2}, size=16)
+    result = run_script("train.py", "--dataset_path", str(data), "--cache", "disk", "--cache_dir", str(data / "cache"),
+                        "--log_dir", str(tmp_path / "logs"), "--epochs", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --cache_dir") and "inside the dataset" in result.stderr
+    assert not (tmp_path / "logs").exists() and not (data / "cache").exists()
+
+
 def test_ram_cache_refuses_more_than_its_budget_and_keeps_unreadable_files_out(mixed_images, tmp_path):
     prepare = build_cache_transform(Preprocess(input_size=[32, 32]))
     with pytest.raises(UsageError, match="--cache ram.*--cache disk"):
