@@ -34,7 +34,6 @@ import torch.nn as nn
 import torchvision
 import torchvision.transforms as T1
 from benchlib import (
-    cpu_cores,
     fmt,
     interleaved,
     machine_description,
@@ -46,7 +45,7 @@ from benchlib import (
 
 from models.registry import create_model
 from utils.cache import cache_datasets
-from utils.data import ImageDataset, create_dataloader, default_workers, scan_dataset
+from utils.data import ImageDataset, available_cores, create_dataloader, default_workers, scan_dataset
 from utils.demo import make_digits_dataset
 from utils.device import default_channels_last
 from utils.engine import StepSettings, train_one_epoch
@@ -311,7 +310,7 @@ def _target_line(name: str, ratios: list[float], target: float) -> str:
 def main() -> None:
     args = get_args()
     started = time.perf_counter()
-    print(f"bench_train: {'quick' if args.quick else 'full'} run on {cpu_cores()} cores, workers {args.workers}",
+    print(f"bench_train: {'quick' if args.quick else 'full'} run on {available_cores()} cores, workers {args.workers}",
           flush=True)
     peak = matmul_peak_gflops()
     small_batch = 16 if args.quick else 32

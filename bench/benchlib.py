@@ -27,10 +27,6 @@ if str(REPO) not in sys.path:
 PHOTO_SIZE = (375, 500)  # (H, W) of a typical web photo (PASCAL VOC / Flickr size); some are portrait
 
 
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -47,8 +43,10 @@ def machine_description() -> str:
     import PIL
     import torchvision
 
+    from utils.data import available_cores
+
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"CPU: {cpu_model()}, {cpu_cores()} cores usable, load average at start {load}; "
+    return (f"CPU: {cpu_model()}, {available_cores()} cores usable, load average at start {load}; "
             f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads, "
             f"{torch.backends.cpu.get_cpu_capability()}), torchvision {torchvision.__version__}, "
             f"OpenCV {cv2.__version__}, Pillow {PIL.__version__}, Python {platform.python_version()}")

@@ -108,6 +108,15 @@ def test_ram_cache_refuses_more_than_its_budget_and_keeps_unreadable_files_out(m
     assert image.shape == (3, 32, 32) and label == mixed_images[0][1]
 
 
+def test_ram_cache_fill_does_not_keep_a_file_descriptor_per_image(tmp_path):
+    samples = [(str(write_image(tmp_path / f"{i}.png", np.full((6, 6, 3), i, np.uint8))), 0) for i in range(300)]
+    before = len(os.listdir("/proc/self/fd")) if Path("/proc/self/fd").is_dir() else None
+    cache = RamCache.fill(samples, build_cache_transform(Preprocess(input_size=[6, 6])), workers=2)
+    if before is not None:
+        assert len(os.listdir("/proc/self/fd")) - before < 50
+    assert [int(cache.get(i)[0, 0, 0]) for i in (0, 7, 299)] == [0, 7, 299 % 256]
+
+
 def test_ram_cache_reaches_worker_processes_and_workers_persist_unless_deterministic(mixed_images):
     preprocess = Preprocess(input_size=[16, 16])
     train_set = ImageDataset(mixed_images, build_train_transform(preprocess))

@@ -109,7 +109,9 @@ class RamCache:
                 raise UsageError(f"--cache ram: {description} needs more than {budget / 2**30:.1f} GiB "
                                  f"(half the free memory) after {index + 1} of {len(samples)} images; "
                                  "use --cache disk or --cache none")
-            images[index] = image
+            # a tensor from a worker holds a shared-memory file descriptor while it lives: copy it,
+            # or a large dataset runs out of descriptors ("Too many open files")
+            images[index] = image.clone() if workers else image
         return cls._pack(images, errors)
 
     @classmethod
