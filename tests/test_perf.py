@@ -109,7 +109,7 @@ def test_ram_cache_refuses_more_than_its_budget_and_keeps_unreadable_files_out(m
 
 
 def test_ram_cache_fill_does_not_keep_a_file_descriptor_per_image(tmp_path):
-    samples = [(str(write_image(tmp_path / f"{i}.png", np.full((6, 6, 3), i, np.uint8))), 0) for i in range(300)]
+    samples = [(str(write_image(tmp_path / f"{i}.png", np.full((6, 6, 3), i % 256, np.uint8))), 0) for i in range(300)]
     before = len(os.listdir("/proc/self/fd")) if Path("/proc/self/fd").is_dir() else None
     cache = RamCache.fill(samples, build_cache_transform(Preprocess(input_size=[6, 6])), workers=2)
     if before is not None:
