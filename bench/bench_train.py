@@ -80,12 +80,15 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per contender (default 3; quick 1)")
     parser.add_argument("--case_seconds", type=float, default=None,
                         help="time to spend per model and size; sets the epoch length (default 55; quick 12)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole run; cases shrink to fit when the machine is slow (default 540)")
     parser.add_argument("--no_digits", action="store_true", help="skip the digits demo row")
     args = parser.parse_args()
     if args.quick:
         args.models, args.sizes = ["resnet18"], [64]
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.case_seconds = args.case_seconds or (12 if args.quick else 55)
+    args.budget = args.budget or (60 if args.quick else 540)
     args.workers = default_workers(10**6) if args.workers is None else args.workers
     return args
 
@@ -226,23 +229,23 @@ def balanced_head(samples: list[tuple[str, int]], count: int) -> list[tuple[str,
     return picked
 
 
-def epoch_images(case: Case, args: argparse.Namespace, available: int, epochs: int) -> int:
-    """Epoch length: enough images that `epochs` epochs at the ceiling's speed fill --case_seconds."""
+def epoch_images(case: Case, args: argparse.Namespace, available: int, epochs: int, seconds: float) -> int:
+    """Epoch length: enough images that `epochs` epochs at the ceiling's speed fill `seconds`."""
     if args.quick:
         return case.batch  # one batch per epoch: a smoke test, not a measurement
     probe = ceiling(case, 4, 2 * case.batch, our_layout(case))
     probe()  # warm-up
-    batches = int(probe() * args.case_seconds / epochs / case.batch)
+    batches = int(probe() * seconds / epochs / case.batch)
     return max(1, min(batches, available // case.batch)) * case.batch
 
 
 # ---- the run ----------------------------------------------------------------------------------
 
-def measure(case: Case, source: Path, args: argparse.Namespace, work: Path, peak: float) -> dict:
+def measure(case: Case, source: Path, args: argparse.Namespace, work: Path, peak: float, seconds: float) -> dict:
     started = time.perf_counter()
     scan = scan_dataset(source)
     contenders = 6
-    count = epoch_images(case, args, len(scan.splits["train"]), contenders * (args.repeats + 1))
+    count = epoch_images(case, args, len(scan.splits["train"]), contenders * (args.repeats + 1), seconds)
     root = subset_tree(source, balanced_head(scan.splits["train"], count), scan.class_names,
                        work / f"{case.data}_{case.model}_{case.size}")
     classes = len(scan.class_names)
@@ -256,7 +259,7 @@ def measure(case: Case, source: Path, args: argparse.Namespace, work: Path, peak
         "b": ours_plain,
         "b_ram": ours_cached,
         "c": reference(case, root, args.workers),
-    }, args.repeats, warmup=not args.quick, seconds=args.case_seconds - (time.perf_counter() - started))
+    }, args.repeats, warmup=not args.quick, seconds=seconds - (time.perf_counter() - started))
     rates = medians(samples)
     ratios = {f"{x}/{y}": ratio(samples, x, y) for x, y in
               (("b", "a"), ("b_ram", "a"), ("b", "c"), ("b_ram", "c"), ("a", "a_nchw"), ("a_bf16", "a"))}
@@ -287,7 +290,7 @@ def report(rows: list[dict], peak: float, args: argparse.Namespace, elapsed: flo
         f"Measured fp32 matmul peak: {peak:.1f} GFLOP/s. Workers: {args.workers} for ours and the reference; "
         f"layout (ours): train.py's default (utils.device.default_channels_last); medians of "
         f"up to {args.repeats} interleaved rounds after a warm-up round (fewer when a case runs out of its "
-        f"{args.case_seconds:.0f} s); {elapsed:.0f} s in all.", "",
+        f"{args.case_seconds:.0f} s or the run out of its {args.budget:.0f} s); {elapsed:.0f} s in all.", "",
         markdown_table(headers, table), "",
         _target_line(f"ours >= {TARGET_VS_REFERENCE}x reference (best of (b), (b+))", versus_reference,
                      TARGET_VS_REFERENCE),
@@ -324,7 +327,12 @@ def main() -> None:
         most = 64 if args.quick else 512
         photos = benchlib.write_photo_dataset(work / "photos_all", train_images=most)
         digits = make_digits_dataset(work / "digits_all")
-        rows = [measure(case, photos if case.data == "photos" else digits, args, work, peak) for case in cases]
+        rows = []
+        for number, case in enumerate(cases):
+            # a busy machine shortens the later cases rather than running past the budget
+            left = args.budget - (time.perf_counter() - started)
+            seconds = max(10.0, min(args.case_seconds, left / (len(cases) - number)))
+            rows.append(measure(case, photos if case.data == "photos" else digits, args, work, peak, seconds))
     print()
     print(report(rows, peak, args, time.perf_counter() - started))
 
