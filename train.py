@@ -31,6 +31,7 @@ from models.pretrained import (
     weights_build_kwargs,
 )
 from models.registry import check_input_size, check_model_name, create_model, format_model_list
+from utils.cache import CACHE_MODES, cache_datasets, resolve_cache_dir
 from utils.checkpoint import (
     CHECKPOINT_FORMAT,
     capture_rng_state,
@@ -44,7 +45,7 @@ from utils.checkpoint import (
 from utils.cli import run_cli
 from utils.data import ImageDataset, create_dataloader, default_workers, scan_dataset
 from utils.demo import DEMO_DIR, make_digits_dataset
-from utils.device import amp_dtype, describe_device
+from utils.device import amp_dtype, default_channels_last, describe_device
 from utils.distributed import (
     RESUME_OVERRIDABLE_FLAGS,
     add_distributed_args,
@@ -110,6 +111,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data.add_argument("--num_classes", "--num-classes", type=int, default=None,
                       help="optional check: the dataset decides the classes; a different value is an error")
     data.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: by data size and cores)")
+    data.add_argument("--cache", choices=CACHE_MODES, default="none",
+                      help="decode and resize each image once: ram (the decoded dataset must fit in half the free "
+                           "memory) or disk (.npy files under --cache_dir); see README 'Speed'")
+    data.add_argument("--cache_dir", "--cache-dir", default=None,
+                      help="folder for --cache disk (default: LOG_DIR/.cache/images; never inside the dataset)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="resnet18", help="registry name (see --list_models)")
@@ -155,7 +161,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     speed = parser.add_argument_group("speed")
     speed.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     speed.add_argument("--amp", action="store_true", help="mixed precision (fp16/bf16 on GPU; bf16 only on CPUs that have it)")
-    speed.add_argument("--channels_last", "--channels-last", action="store_true", help="NHWC memory layout")
+    speed.add_argument("--channels_last", "--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="NHWC memory layout (default: on for the CPU at 64 px and up, where it is faster; off elsewhere)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model (about a minute of compiling)")
 
     run = parser.add_argument_group("run, checkpoints and logs")
@@ -197,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.crop_scale = max(args.crop_scale, 0.5)  # 32-pixel digits: small crops lose the digit
     args.epochs = args.epochs or 30
     scan = scan_dataset(args.dataset_path, args.val_ratio, args.test_ratio, args.seed)
+    cache_dir = resolve_cache_dir(args.cache, args.cache_dir, args.log_dir, args.dataset_path)  # before any write
     class_names = scan.class_names
     check_same_on_all_ranks((class_names, {split: len(samples) for split, samples in scan.splits.items()}),
                             f"the dataset at {args.dataset_path}")
@@ -237,6 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
     eval_sets = {split: ImageDataset(samples, eval_transform) for split, samples in scan.splits.items() if split != "train"}
     eval_loaders = {split: create_dataloader(dataset, args.batch_size, False, workers, device, sampler=eval_sampler(dataset))
                     for split, dataset in eval_sets.items()}
+    log.info(cache_datasets(args.cache, preprocess, train_set, list(eval_sets.values()),
+                            cache_dir, workers,
+                            show_progress=sys.stderr.isatty() and not args.quiet and main_process))
 
     # ---- model ------------------------------------------------------------------------------
     model = create_model(args.model, len(class_names), tuple(preprocess.input_size), **model_kwargs)
@@ -252,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
         log.info(f"--freeze_backbone: training {trainable:,} of {total:,} parameters (the head)"
                  + (f" until epoch {args.unfreeze_epoch}" if args.unfreeze_epoch else ""))
     model.to(device)
+    if args.channels_last is None:
+        args.channels_last = default_channels_last(device, preprocess.input_size)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     train_model, eval_model = wrap_for_training(model, device, args.compile, args.sync_bn)  # DDP under torchrun
@@ -269,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     settings = StepSettings(device, preprocess, dtype, args.channels_last)
     log.info(f"Device: {describe_device(device)}; precision: {dtype or torch.float32}; workers: {workers}; "
+             f"layout: {'channels_last' if args.channels_last else 'NCHW'}; "
              f"batch {args.batch_size} x accum {args.accum_steps}; {steps_per_epoch} steps/epoch")
     log.info(describe_scale(args.batch_size, args.accum_steps, args.lr, lr))
 

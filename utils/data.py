@@ -251,18 +251,22 @@ class ImageDataset(torch.utils.data.Dataset):
     Normalisation happens later, batched on the device (utils.transforms.normalize_batch).
     A file that fails to decode mid-epoch (a scan cannot catch every truncated JPEG) is
     reported once and replaced by the next readable sample, so an epoch never dies on it.
+    With a `cache` (utils.cache, `--cache ram|disk`) images come from it instead of the files.
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Optional[Callable] = None):
+    def __init__(self, samples: Sequence[Sample], transform: Optional[Callable] = None, cache=None):
         self.samples = list(samples)
         self.transform = transform
+        self.cache = cache  # utils.cache.ImageCache: .get(index) -> prepared uint8 CHW tensor
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> torch.Tensor:
-        """The decoded image as a uint8 CHW tensor (no transform)."""
+        """The decoded image as a uint8 CHW tensor (no transform), from the cache if there is one."""
+        if self.cache is not None:
+            return self.cache.get(index)
         array = read_rgb(self.samples[index][0])
         return torch.from_numpy(array).permute(2, 0, 1)
 
@@ -304,8 +308,17 @@ def create_dataloader(
     device: torch.device,
     generator: Optional[torch.Generator] = None,
     sampler: Optional[torch.utils.data.Sampler] = None,
+    persistent: Optional[bool] = None,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader with the speed settings that fit the device (pinned memory only on CUDA)."""
+    """A DataLoader with the speed settings that fit the device (pinned memory only on CUDA).
+
+    Workers stay alive between epochs (`persistent`, default: whenever there are workers) except
+    under `torch.use_deterministic_algorithms` (train.py --deterministic): persistent workers seed
+    their random augmentation once, not from the generator train.py reseeds each epoch, so a
+    resumed run would see other augmentations than an unbroken one.
+    """
+    if persistent is None:
+        persistent = not torch.are_deterministic_algorithms_enabled()
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -316,4 +329,5 @@ def create_dataloader(
         drop_last=False,
         generator=generator,
         prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=persistent and workers > 0,
     )

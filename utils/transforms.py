@@ -26,6 +26,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_MODES = ("crop", "letterbox", "stretch")
 AUGMENTS = ("none", "basic", "randaugment", "trivialaugment")
+TRAIN_CACHE_MARGIN = 1.25  # cached training images keep 25% more than the input size (see build_cache_transform)
 
 
 @dataclass
@@ -91,6 +92,22 @@ class Letterbox(torch.nn.Module):
         return F.pad(image, padding, fill=self.fill)
 
 
+class ShrinkToCover(torch.nn.Module):
+    """Shrink (never enlarge) keeping aspect ratio so the image still covers `size` x `margin`."""
+
+    def __init__(self, size: Sequence[int], margin: float, interpolation: T.InterpolationMode):
+        super().__init__()
+        self.size, self.margin, self.interpolation = list(size), margin, interpolation
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        scale = max(self.size[0] / height, self.size[1] / width) * self.margin
+        if scale >= 1:
+            return image
+        new_size = [max(1, round(height * scale)), max(1, round(width * scale))]
+        return F.resize(image, new_size, interpolation=self.interpolation, antialias=True)
+
+
 def _mean_fill(pre: Preprocess) -> list[int]:
     return [round(m * 255) for m in pre.mean]  # pads to 0 after normalisation
 
@@ -105,6 +122,13 @@ def build_eval_transform(pre: Preprocess) -> Callable[[torch.Tensor], torch.Tens
     if pre.resize_mode == "stretch":
         return T.Resize(pre.input_size, interpolation=interpolation, antialias=True)
     raise UsageError(f"--resize_mode must be one of {', '.join(RESIZE_MODES)}, got {pre.resize_mode!r}")
+
+
+def build_cache_transform(pre: Preprocess) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What `--cache` stores for training images: the image shrunk to cover input_size x
+    TRAIN_CACHE_MARGIN. The random crop then still has some room and detail; storing the full
+    image would cost memory, and each epoch would resize more pixels."""
+    return ShrinkToCover(pre.input_size, TRAIN_CACHE_MARGIN, _interpolation(pre.interpolation))
 
 
 def build_train_transform(
