@@ -126,6 +126,15 @@ def test_run_browse_record_match_the_shared_metrics(qtbot, open_window, test_dir
     trained = json.loads((trained_run / "test_metrics.json").read_text())  # train.py's own test evaluation
     assert window.live.values["top1"] == pytest.approx(trained["top1"], abs=1e-6)
     assert window.live.values["f1"] == pytest.approx(trained["f1"], abs=1e-6)
+    # ... and those infer.py reports for the same folder (a separate process, its own output files)
+    result = run_script("infer.py", "--weights", str(trained_run / "best.pth"), "--image_path", str(test_dir),
+                        "--save_dir", str(tmp_path / "infer"), "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    (infer_json,) = (tmp_path / "infer").rglob("predictions.json")
+    infer_metrics = json.loads(infer_json.read_text(encoding="utf-8"))["metrics"]
+    for name in ("top1", "precision", "recall", "f1"):
+        assert window.live.values[name] == pytest.approx(infer_metrics[name], abs=1e-6), name
+    assert window.live.values["confusion"].tolist() == infer_metrics["confusion_matrix"]
     panel = window.metrics_view.toPlainText()
     assert f"Accuracy: {expected['top1']:.2%}" in panel
     assert f"F1 (macro): {expected['f1']:.4f}" in panel

@@ -33,7 +33,7 @@ from PyQt5.QtWidgets import (
     QWidget,
 )
 
-from ui_classification.annotate import annotate
+from ui_classification.annotate import annotate, to_qimage
 from ui_classification.results import ImagePrediction, LiveMetrics, export_records
 from ui_classification.strings import Text
 from ui_classification.worker import InferenceWorker, ModelInfo, RunJob
@@ -462,7 +462,7 @@ class ViewerWindow(QMainWindow):
         class_names = self.live.class_names  # the run's classes, even if another checkpoint was loaded since
         position = self.text("position", index=index + 1, total=len(self.predictions), path=self._shown_path(item))
         try:
-            self.image_view.set_image(annotate(read_rgb(item.path), item, class_names, self.text))
+            self.image_view.set_image(to_qimage(annotate(read_rgb(item.path), item, class_names, self.text)))
         except ImageReadError as error:  # deleted or changed since it was classified
             self.image_view.set_placeholder(str(error))
         self.current_label.setText(self._describe(item, position))
