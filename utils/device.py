@@ -69,9 +69,10 @@ def default_channels_last(device: torch.device, input_size: Sequence[int]) -> bo
     """Whether NHWC is the faster memory layout for training on `device` (train.py's default).
 
     CPU, inputs of 64 px and more: yes. oneDNN's convolutions run natively in NHWC and skip
-    layout reorders: 1.1-1.8x faster train steps for resnet18, mobilenet_v2 and efficientnet_b0
-    at 64 and 224 px (bench/bench_train.py, bench/RESULTS.md). Below 64 px the feature maps are
-    too small to gain (resnet18 at 32 px: 0.95x). Other devices: not measured here, so off.
+    layout reorders: train steps 1.4-1.8x faster for mobilenet_v2 and efficientnet_b0 and
+    1.0-1.1x for resnet18 at 64 and 224 px (bench/bench_train.py, bench/RESULTS.md). Below 64 px
+    the feature maps are too small to gain (resnet18 at 32 px: 0.95x). Other devices: not
+    measured here, so off.
     """
     return device.type == "cpu" and min(input_size) >= 64
 
