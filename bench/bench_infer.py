@@ -42,6 +42,9 @@ from utils.predict import Predictions, Predictor, inference_workers  # noqa: E40
 from utils.transforms import Preprocess  # noqa: E402
 from utils.visualize import save_rgb  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import photo_like  # noqa: E402
+
 CLASS_NAMES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 
 
@@ -59,18 +62,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def make_photos(folder: Path, count: int, size: tuple[int, int], seed: int = 0) -> list[str]:
-    """Photo-like JPEGs: smooth colour fields plus grain, so they compress like real photos."""
+    """Photo-like JPEGs (benchlib.photo_like, the generator bench_train uses), `size` = (W, H)."""
     rng = np.random.default_rng(seed)
     width, height = size
-    paths = []
-    for i in range(count):
-        coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
-        smooth = torch.nn.functional.interpolate(torch.from_numpy(coarse).permute(2, 0, 1)[None].float(),
-                                                 size=(height, width), mode="bicubic", align_corners=False)
-        grain = rng.normal(0, 12, size=(height, width, 3))
-        image = np.clip(smooth[0].permute(1, 2, 0).numpy() + grain, 0, 255).astype(np.uint8)
-        paths.append(str(save_rgb(folder / f"photo_{i:04d}.jpg", image, quality=90)))
-    return paths
+    return [str(save_rgb(folder / f"photo_{i:04d}.jpg", photo_like(rng, height, width), quality=90))
+            for i in range(count)]
 
 
 def make_checkpoint(path: Path, model_name: str, input_size: int) -> Path:
