@@ -1,8 +1,10 @@
 """Training under torchrun (DDP): real 2-process runs on CPU with gloo, and the pieces on their own.
 
 The multi-process runs share one small dataset (real digits scans, uneven val/test sizes so the
-two ranks' evaluation shards differ) and one run folder: a 2-process run whose rank 1 crashes
-in epoch 2, then a 2-process resume of it that finishes.
+two ranks' evaluation shards differ). Each scenario is a 2-process run whose rank 1 crashes in
+epoch 2, then a 2-process resume of it that finishes in the same run folder: once on one machine
+(`torchrun --standalone`), once as two one-process "nodes" started as on two machines (c10d
+rendezvous, then a static one for the resume), all on loopback addresses.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import csv
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,14 +40,84 @@ TRAIN_ARGS = ("--model", "resnet18", "--input_shape", "32", "--hflip", "0", "--c
               "--workers", "0", "--batch_size", "16")
 
 
+def launch_env(extra: dict | None = None) -> dict:
+    """This environment without the test hooks' variables, one thread per process, plus `extra`."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TORCH_CLS_")}
+    return {**clean, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(extra or {})}
+
+
 def torchrun(nproc: int, *train_args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=N train.py ...`, as a user would start it."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("TORCH_CLS_")}
-    full_env = {**clean, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "train.py", *TRAIN_ARGS, *train_args]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, encoding="utf-8",
-                          timeout=LAUNCH_TIMEOUT_S, env=full_env)
+                          timeout=LAUNCH_TIMEOUT_S, env=launch_env(env))
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now (chosen by the OS; free until torchrun binds it, barring a race)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def loopback_gloo_env() -> dict:
+    """GLOO_SOCKET_IFNAME naming the loopback interface, where it has a known name.
+
+    gloo otherwise connects the ranks through the address of the machine's host name."""
+    names = {name for _, name in socket.if_nameindex()} if hasattr(socket, "if_nameindex") else set()
+    return next(({"GLOO_SOCKET_IFNAME": name} for name in ("lo", "lo0") if name in names), {})
+
+
+def stop_torchrun(process: subprocess.Popen) -> None:
+    """End a torchrun that is still running, and the training processes it started.
+
+    torchrun starts each of them in a session of its own, so killing torchrun or its process
+    group would leave them running; on SIGTERM torchrun stops them itself (SIGTERM, and SIGKILL
+    after 30 s), so it gets that first and SIGKILL only if it has not exited a minute later."""
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def torchrun_nodes(node_flags: list[list[str]], *train_args: str, output_dir: Path,
+                   env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """One `torchrun ... --nproc_per_node=1 train.py ...` per "node", all started at once on this
+    machine, as a user starts one on each machine; each node's result, in the order of `node_flags`.
+
+    All nodes share one deadline, LAUNCH_TIMEOUT_S; past it (or on any error, Ctrl-C included)
+    every node still running is stopped with its training process, and the test fails with their
+    output. Output goes to files: a pipe that nobody reads while we wait for another node could
+    fill up and stall that node, and with it the whole job.
+    """
+    nodes: list[subprocess.Popen] = []
+    outputs = [(output_dir / f"node{index}.out", output_dir / f"node{index}.err") for index in range(len(node_flags))]
+    timed_out = False
+    try:
+        for flags, (stdout_path, stderr_path) in zip(node_flags, outputs):
+            command = [sys.executable, "-m", "torch.distributed.run", *flags, "--nproc_per_node=1",
+                       "--local_addr=127.0.0.1", "train.py", *TRAIN_ARGS, *train_args]
+            with open(stdout_path, "w", encoding="utf-8") as stdout, open(stderr_path, "w", encoding="utf-8") as stderr:
+                nodes.append(subprocess.Popen(command, cwd=REPO, stdout=stdout, stderr=stderr,
+                                              env=launch_env({**loopback_gloo_env(), **(env or {})})))
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        for node in nodes:
+            node.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                stop_torchrun(node)
+    results = [subprocess.CompletedProcess(node.args, node.returncode, out.read_text(encoding="utf-8"),
+                                           err.read_text(encoding="utf-8")) for node, (out, err) in zip(nodes, outputs)]
+    if timed_out:
+        pytest.fail(f"the nodes did not finish within {LAUNCH_TIMEOUT_S} s and were stopped:\n"
+                    + "\n".join(result.stdout[-2000:] + result.stderr[-2000:] for result in results))
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +166,34 @@ def test_a_crash_on_one_rank_ends_the_job_and_keeps_the_last_epoch(crashed_run):
     assert load_checkpoint(run_dir / "last.pth")["epoch"] == 1
 
 
-def test_validation_metrics_over_both_ranks_equal_a_single_process_evaluation(crashed_run, small_digits):
-    _, log_dir = crashed_run
-    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir()]
+def assert_val_metrics_cover_the_whole_split(run_dir: Path, dataset: Path) -> None:
+    """best.pth's val metrics, summed over the ranks' shards, equal one process evaluating all of val."""
     best = load_checkpoint(run_dir / "best.pth")
     assert not any(key.startswith("module.") for key in best["state_dict"])  # the unwrapped model
-    reference = single_process_evaluation(run_dir / "best.pth", small_digits, "val")
+    reference = single_process_evaluation(run_dir / "best.pth", dataset, "val")
     assert best["metrics"]["count"] == reference["count"] == 49  # each val image once: none twice, none missed
     for name in ("top1", "top5", "f1", "precision", "recall", "loss"):
         assert best["metrics"][name] == pytest.approx(reference[name], rel=1e-5, abs=1e-6), name
+
+
+def assert_resumed_run_finished(log_dir: Path, run_dir: Path, dataset: Path) -> None:
+    """The resumed run finished epoch 2 in its own folder (still the only one), written by rank 0 alone."""
+    assert [p for p in log_dir.iterdir() if p.is_dir()] == [run_dir]
+    with open(run_dir / "history.csv", encoding="utf-8") as file:
+        assert [row["epoch"] for row in csv.DictReader(file)] == ["1", "2"]
+    log_text = (run_dir / "train.log").read_text(encoding="utf-8")
+    assert log_text.count("epoch 2/2") == 1  # one writer: rank 0
+    assert load_checkpoint(run_dir / "last.pth")["epoch"] == 2
+    test_metrics = json.loads((run_dir / "test_metrics.json").read_text(encoding="utf-8"))
+    reference = single_process_evaluation(run_dir / "best.pth", dataset, "test")
+    assert test_metrics["count"] == reference["count"] == 31
+    assert test_metrics["top1"] == pytest.approx(reference["top1"], abs=1e-6)
+
+
+def test_validation_metrics_over_both_ranks_equal_a_single_process_evaluation(crashed_run, small_digits):
+    _, log_dir = crashed_run
+    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir()]
+    assert_val_metrics_cover_the_whole_split(run_dir, small_digits)
 
 
 def test_resume_under_torchrun_finishes_in_the_same_single_run_folder(crashed_run, small_digits):
@@ -108,17 +201,54 @@ def test_resume_under_torchrun_finishes_in_the_same_single_run_folder(crashed_ru
     (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir()]
     result = torchrun(2, "--dataset_path", str(small_digits), "--resume_training", str(run_dir / "last.pth"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [p for p in log_dir.iterdir() if p.is_dir()] == [run_dir]
     assert "16 per process x 2 processes x 1 accumulation = 32 images per optimizer step" in result.stdout
-    with open(run_dir / "history.csv", encoding="utf-8") as file:
-        assert [row["epoch"] for row in csv.DictReader(file)] == ["1", "2"]
-    log_text = (run_dir / "train.log").read_text(encoding="utf-8")
-    assert log_text.count("epoch 2/2") == 1  # one writer: rank 0
-    assert load_checkpoint(run_dir / "last.pth")["epoch"] == 2
-    test_metrics = json.loads((run_dir / "test_metrics.json").read_text(encoding="utf-8"))
-    reference = single_process_evaluation(run_dir / "best.pth", small_digits, "test")
-    assert test_metrics["count"] == reference["count"] == 31
-    assert test_metrics["top1"] == pytest.approx(reference["top1"], abs=1e-6)
+    assert_resumed_run_finished(log_dir, run_dir, small_digits)
+
+
+@pytest.fixture(scope="module")
+def two_node_crashed_run(small_digits, tmp_path_factory) -> tuple[list[subprocess.CompletedProcess], Path]:
+    """Two "nodes" of one process each, joined by c10d rendezvous, 2 epochs; rank 1 raises at the
+    start of epoch 2. c10d numbers the nodes itself (--node_rank is for static rendezvous only), so
+    either node may hold rank 0."""
+    log_dir = tmp_path_factory.mktemp("two_node_logs")
+    rendezvous = ["--nnodes=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_loopback_port()}",
+                  "--rdzv_id=two_nodes"]
+    nodes = torchrun_nodes([rendezvous, rendezvous], "--dataset_path", str(small_digits), "--epochs", "2",
+                           "--log_dir", str(log_dir), "--dist_timeout", "60",
+                           output_dir=tmp_path_factory.mktemp("two_node_output"),
+                           env={"TORCH_CLS_FAIL_RANK": "1", "TORCH_CLS_FAIL_EPOCH": "2"})
+    return nodes, log_dir
+
+
+@pytest.mark.slow
+def test_two_nodes_write_one_run_folder_and_validate_on_the_whole_split(two_node_crashed_run, small_digits):
+    nodes, log_dir = two_node_crashed_run
+    outputs = [node.stdout + node.stderr for node in nodes]
+    assert all(node.returncode != 0 for node in nodes)  # rank 1's crash ended the job on both nodes
+    assert sum("failure injected on rank 1" in output for output in outputs) == 1
+    assert sum("error: [rank 0] lost contact with the other training processes" in output for output in outputs) == 1
+    assert sum("Run folder:" in node.stdout for node in nodes) == 1  # rank 0 alone prints
+    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir()]  # and alone creates the run folder
+    assert load_checkpoint(run_dir / "last.pth")["epoch"] == 1
+    assert_val_metrics_cover_the_whole_split(run_dir, small_digits)  # both nodes' shards, summed
+
+
+@pytest.mark.slow
+def test_two_nodes_resume_with_static_rendezvous_and_finish_in_the_same_folder(two_node_crashed_run, small_digits,
+                                                                              tmp_path):
+    _, log_dir = two_node_crashed_run
+    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir()]
+    port = free_loopback_port()
+    static = [["--nnodes=2", f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+              for rank in (0, 1)]
+    node0, node1 = torchrun_nodes(static, "--resume", "auto", "--log_dir", str(log_dir), output_dir=tmp_path)
+    assert node0.returncode == 0, node0.stderr[-3000:]
+    assert node1.returncode == 0, node1.stderr[-3000:]
+    # Static rendezvous: node_rank 0's process is rank 0, the one that prints and writes.
+    assert f"Resumed from {run_dir / 'last.pth'} after epoch 1" in node0.stdout
+    assert "16 per process x 2 processes x 1 accumulation = 32 images per optimizer step" in node0.stdout
+    assert "epoch 2/2" not in node1.stdout
+    assert_resumed_run_finished(log_dir, run_dir, small_digits)
 
 
 def test_a_hung_rank_makes_the_others_give_up_after_the_timeout(small_digits, tmp_path):
