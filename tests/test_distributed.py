@@ -50,8 +50,14 @@ def torchrun(nproc: int, *train_args: str, env: dict | None = None) -> subproces
     """`torchrun --standalone --nproc_per_node=N train.py ...`, as a user would start it."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "train.py", *TRAIN_ARGS, *train_args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, encoding="utf-8",
-                          timeout=LAUNCH_TIMEOUT_S, env=launch_env(env))
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               encoding="utf-8", env=launch_env(env))
+    try:
+        stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except BaseException:  # a timeout or Ctrl-C: stop torchrun AND its workers (a bare kill orphans them)
+        stop_torchrun(process)
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def free_loopback_port() -> int:
