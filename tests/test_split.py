@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -385,17 +386,21 @@ def test_overwrite_never_deletes_the_only_copy_of_moved_files(src, tmp_path, cap
     assert _run_main(["--src", str(src), "--dst", str(dst), "--mode", "move"], capsys)[0] == 0
     moved = _all_files(dst)
     code, _, err = _run_main(["--src", str(again), "--dst", str(dst), "--overwrite"], capsys)
-    assert code == 2 and "would delete the only copy" in err
+    assert code == 2 and "the only copy, its source is gone" in err.lower() and "--undo" in err
     assert _all_files(dst) == moved
 
 
-def test_overwrite_refuses_to_leave_a_stale_test_folder(src, tmp_path, capsys):
+def test_overwrite_removes_an_earlier_test_folder_the_new_split_does_not_write(src, tmp_path, capsys):
     dst = tmp_path / "o"
-    assert _run_main(["--src", str(src), "--dst", str(dst)], capsys)[0] == 0
-    before = _all_files(dst)
+    assert _run_main(["--src", str(src), "--dst", str(dst), "--seed", "2"], capsys)[0] == 0
+    assert (dst / "test").is_dir()
+    before = _all_files(src)
     code, _, err = _run_main(["--src", str(src), "--dst", str(dst), "--overwrite", "--test_ratio", "0"], capsys)
-    assert code == 2 and "test would be left from an earlier split" in err
-    assert _all_files(dst) == before
+    assert code == 0, err
+    assert not (dst / "test").exists()  # its files were ours and matched their sources: nothing stale left
+    assert _all_files(src) == before
+    assert {r["split"] for r in read_split_csv(dst / "split.csv")} == {"train", "val"}
+    assert len(_split_files(dst)) == NUM_IMAGES
 
 
 def test_overwrite_never_deletes_the_source(src, tmp_path, capsys):
@@ -403,7 +408,7 @@ def test_overwrite_never_deletes_the_source(src, tmp_path, capsys):
     assert _run_main(["--src", str(src), "--dst", str(dst), "--test_ratio", "0"], capsys)[0] == 0
     before = _all_files(dst)
     code, _, err = _run_main(["--src", str(dst / "train"), "--dst", str(dst), "--overwrite", "--test_ratio", "0"], capsys)
-    assert code == 2 and "which --overwrite would delete" in err
+    assert code == 2 and "which --overwrite would empty" in err
     assert _all_files(dst) == before
 
 
@@ -474,26 +479,75 @@ def test_cli_move_loses_no_file(src, tmp_path):
     assert {"LICENSE.txt", "daisy/notes.txt", "daisy/._daisy_3.png"} <= set(left)  # skipped files stay
 
 
-def test_cli_refuses_a_full_dst_and_overwrite_replaces_only_the_splits(src, tmp_path, capsys):
+def test_cli_refuses_a_full_dst_without_overwrite(src, tmp_path, capsys):
     dst = tmp_path / "flower_data"
     assert _run_main(["--src", str(src), "--dst", str(dst)], capsys)[0] == 0
-    (dst / "notes.md").write_text("mine")
-    shutil.copyfile(src / "single" / "one.png", dst / "train" / "daisy" / "stray.png")
     before = _all_files(dst)
-
     refused = _run_cli("--src", str(src), "--dst", str(dst), "--seed", "1")
     assert refused.returncode == 2
-    assert refused.stderr.startswith("error: --dst") and "--overwrite" in refused.stderr
-    assert "Traceback" not in refused.stderr and refused.stdout == ""  # refused before any work
+    assert refused.stderr.startswith("error: --dst") and refused.stderr.count("\n") == 1
+    assert "pass --overwrite" in refused.stderr and "still identical in size and content" in refused.stderr
+    assert refused.stdout == ""  # refused before any work
     assert _all_files(dst) == before
+
+
+@pytest.mark.parametrize("record", ["split.csv", "old split.csv (no size column)"])
+def test_cli_overwrite_replaces_a_clean_earlier_split(src, tmp_path, capsys, record):
+    dst = tmp_path / "flower_data"
+    assert _run_main(["--src", str(src), "--dst", str(dst)], capsys)[0] == 0
+    if record.startswith("old"):  # as written before sizes were recorded: read back the same
+        lines = (dst / "split.csv").read_text(encoding="utf-8").splitlines()
+        assert lines[0].endswith(",sha1,size")
+        (dst / "split.csv").write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n", encoding="utf-8")
+    (dst / "notes.md").write_text("mine")
+    source_files = _all_files(src)
 
     replaced = _run_cli("--src", str(src), "--dst", str(dst), "--seed", "1", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
-    assert (dst / "notes.md").read_text() == "mine"  # not a split folder: kept
-    assert not (dst / "train" / "daisy" / "stray.png").exists()
+    assert f"Deleting {NUM_IMAGES} file(s) of the earlier split" in replaced.stdout
+    assert (dst / "notes.md").read_text() == "mine"  # outside the split folders: kept
     plan = _expected_plan(src, seed=1)
     assert _split_files(dst) == {Path(a.path).relative_to(src).as_posix(): a.split for a in plan.assignments}
-    assert [r["split"] for r in read_split_csv(dst / "split.csv")] == [a.split for a in plan.assignments]
+    rows = read_split_csv(dst / "split.csv")
+    assert [r["split"] for r in rows] == [a.split for a in plan.assignments]
+    assert all(int(r["size"]) == (dst / r["file"]).stat().st_size for r in rows)
+    assert sorted(p.name for p in dst.iterdir()) == ["notes.md", "split.csv", "test", "train", "val"]  # no journal
+    assert _all_files(src) == source_files
+
+
+@pytest.mark.parametrize("record", ["listed elsewhere", "no split.csv"])
+def test_cli_overwrite_keeps_hand_placed_files_and_lists_them(src, tmp_path, capsys, record):
+    dst = tmp_path / "flower_data"
+    assert _run_main(["--src", str(src), "--dst", str(dst)], capsys)[0] == 0
+    if record == "no split.csv":
+        (dst / "split.csv").unlink()
+    for i in range(12):  # more than the 10 a refusal lists
+        _write_image(dst / "train" / "daisy" / f"only_copy_{i:02d}.png", seed=500 + i)
+    before = _all_files(dst)
+
+    refused = _run_cli("--src", str(src), "--dst", str(dst), "--overwrite")
+    assert refused.returncode == 2
+    err = refused.stderr
+    assert err.startswith("error: --overwrite deletes only files an earlier split wrote") and err.count("\n") == 1
+    hand_placed = 12 if record == "listed elsewhere" else 12 + NUM_IMAGES
+    assert f"because {hand_placed} file(s)" in err and f"and {hand_placed - 10} more" in err
+    assert ("Not in split.csv: train/daisy/only_copy_00.png" in err) == (record == "listed elsewhere")
+    assert len(re.findall(r"\.(?:png|jpg)\b", err)) == 10  # the files listed
+    assert refused.stdout == ""  # refused before the plan was even printed
+    assert _all_files(dst) == before  # nothing touched
+
+
+def test_cli_overwrite_refuses_a_file_changed_since_the_split(src, tmp_path, capsys):
+    dst = tmp_path / "flower_data"
+    assert _run_main(["--src", str(src), "--dst", str(dst)], capsys)[0] == 0
+    changed = next(dst / r["file"] for r in read_split_csv(dst / "split.csv") if r["class"] == "rose")
+    _write_image(changed, seed=777)  # edited in place (say, cropped by hand): the only copy of that version
+    before = _all_files(dst)
+    refused = _run_cli("--src", str(src), "--dst", str(dst), "--overwrite")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    rel = changed.relative_to(dst).as_posix()
+    assert "because 1 file(s)" in refused.stderr and f"Differs from its source: {rel}." in refused.stderr
+    assert _all_files(dst) == before
 
 
 def test_cli_dry_run_writes_nothing(src, tmp_path):
