@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -136,12 +139,33 @@ def _run_main(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONIOENCODING="utf-8")
-    return subprocess.run(
-        [sys.executable, "split_dataset.py", *args],
-        cwd=REPO, capture_output=True, text=True, encoding="utf-8", env=env, timeout=120,
-    )
+def _run_cli(*args: str, env: Optional[dict] = None, as_user: bool = False) -> subprocess.CompletedProcess:
+    """The script as a user runs it. `env`: extra variables. `as_user`: file permissions apply even
+    when the tests run as root (see `_drop_root_file_override`)."""
+    full_env = dict(os.environ, PYTHONIOENCODING="utf-8", **(env or {}))
+    try:
+        return subprocess.run(
+            [sys.executable, "split_dataset.py", *args], cwd=REPO, capture_output=True, text=True,
+            encoding="utf-8", env=full_env, timeout=120, preexec_fn=_drop_root_file_override if as_user else None,
+        )
+    except subprocess.TimeoutExpired:
+        raise
+    except subprocess.SubprocessError as error:  # raised in the child by _drop_root_file_override
+        pytest.skip(f"running as root and cannot drop CAP_DAC_OVERRIDE for the child, so chmod does not bind it: {error}")
+
+
+def _drop_root_file_override() -> None:
+    """In the child: root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH meets permission bits like any
+    user (dropped from the bounding set, so the exec'd python never gets them back). No-op when not root."""
+    if os.geteuid() != 0:
+        return
+    if not sys.platform.startswith("linux"):
+        raise OSError("no prctl outside Linux")
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2  # <linux/prctl.h>, <linux/capability.h>
+    for cap in (cap_dac_override, cap_dac_read_search):
+        if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) refused")
 
 
 def _names(n: int, prefix: str = "img") -> list[str]:
@@ -565,6 +589,145 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     result = _run_cli("--src", str(tmp_path / "missing"), "--dst", str(tmp_path / "o"))
     assert result.returncode == 2
     assert result.stderr == f"error: --src {tmp_path / 'missing'} does not exist or is not a folder\n"
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- cut short, finished, undone
+# SPLIT_DATASET_KILL_AT=EVENT:N makes the script SIGKILL itself at its Nth EVENT (utils.split._crash_hook):
+# a real kill -9, at a point the test chooses.
+
+KILLED = -signal.SIGKILL
+
+
+def _files_in_splits(dst: Path) -> list[Path]:
+    return sorted(p for s in SPLITS for p in (dst / s).rglob("*") if p.is_file() and p.suffix != ".partial")
+
+
+def test_cli_move_killed_midway_is_finished_by_the_same_command(src, tmp_path):
+    images = _image_hashes(src)
+    plan = _expected_plan(src)
+    split_of = {Path(a.path).relative_to(src).as_posix(): a.split for a in plan.assignments}
+    dst = tmp_path / "flower_data"
+    args = ("--src", str(src), "--dst", str(dst), "--mode", "move")
+    assert _run_cli(*args, env={"SPLIT_DATASET_KILL_AT": "placed:5"}).returncode == KILLED
+    assert (dst / "split.journal.json").is_file() and len(read_split_csv(dst / "split.csv")) == NUM_IMAGES
+    moved = [rel for rel in images if (dst / split_of[rel] / rel).exists()]
+    assert len(moved) == 5 and not any((src / rel).exists() for rel in moved)
+    # a move across filesystems killed between its copy and deleting the source leaves the file twice
+    shutil.copy2(dst / split_of[moved[0]] / moved[0], src / moved[0])
+    before = _all_files(dst)
+
+    other = _run_cli("--src", str(src), "--dst", str(dst), "--mode", "move", "--seed", "1")
+    assert other.returncode == 2 and other.stderr.count("\n") == 1
+    assert "holds an unfinished split" in other.stderr and "run that same command again" in other.stderr
+    dry = _run_cli(*args, "--dry_run")
+    assert dry.returncode == 0 and "5 of 28 file(s) are in place, 23 would be placed" in dry.stdout
+    assert _all_files(dst) == before
+
+    finished = _run_cli(*args)
+    assert finished.returncode == 0, finished.stderr
+    assert "5 of 28 file(s) were already in place, 23 placed now" in finished.stdout
+    for rel, sha1 in images.items():  # every file exactly once, where the plan put it, byte for byte
+        places = [p for p in (src / rel, dst / split_of[rel] / rel) if p.exists()]
+        assert places == [dst / split_of[rel] / rel] and _sha1(places[0]) == sha1, rel
+    assert len(_files_in_splits(dst)) == NUM_IMAGES
+    assert not (dst / "split.journal.json").exists()
+
+
+@pytest.mark.parametrize("rerun", [[], ["--overwrite", "--seed", "1"]], ids=["same command", "overwrite"])
+def test_cli_copy_killed_mid_file_leaves_a_partial_that_a_rerun_cleans(src, tmp_path, rerun):
+    before = _all_files(src)
+    dst = tmp_path / "flower_data"
+    killed = _run_cli("--src", str(src), "--dst", str(dst), env={"SPLIT_DATASET_KILL_AT": "partial:4"})
+    assert killed.returncode == KILLED
+    (partial,) = list(dst.rglob("*.partial"))
+    assert len(_files_in_splits(dst)) == 3
+
+    finished = _run_cli("--src", str(src), "--dst", str(dst), *rerun)
+    assert finished.returncode == 0, finished.stderr
+    if not rerun:
+        assert "removed 1 leftover .partial file(s)" in finished.stdout
+    assert not list(dst.rglob("*.partial")) and not (dst / "split.journal.json").exists()
+    seed = int(rerun[-1]) if rerun else 0
+    expected = {Path(a.path).relative_to(src).as_posix(): a.split for a in _expected_plan(src, seed=seed).assignments}
+    assert _split_files(dst) == expected
+    assert _all_files(src) == before
+
+
+@pytest.mark.parametrize("kill_after", [0, 7], ids=["finished move", "killed move"])
+def test_cli_undo_restores_the_source_tree_byte_identical(src, tmp_path, kill_after):
+    before = _all_files(src)  # skipped files included: they must not be touched either
+    dst = tmp_path / "flower_data"
+    env = {"SPLIT_DATASET_KILL_AT": f"placed:{kill_after}"} if kill_after else None
+    first = _run_cli("--src", str(src), "--dst", str(dst), "--mode", "move", env=env)
+    assert first.returncode == (KILLED if kill_after else 0)
+    assert _all_files(src) != before
+
+    undone = _run_cli("--dst", str(dst), "--undo")
+    assert undone.returncode == 0, undone.stderr
+    assert f"moved {kill_after or NUM_IMAGES} file(s) back to their source" in undone.stdout
+    assert _all_files(src) == before
+    assert list(dst.iterdir()) == []  # split folders, split.csv and the journal: all gone
+
+
+def test_undo_of_a_copy_split_deletes_only_the_copies(src, tmp_path, capsys):
+    before = _all_files(src)
+    dst = tmp_path / "o"
+    assert _run_main(["--src", str(src), "--dst", str(dst), "--mode", "symlink"], capsys)[0] == 0
+    (dst / "notes.md").write_text("mine")
+    code, out, err = _run_main(["--dst", str(dst), "--undo"], capsys)
+    assert code == 0, err
+    assert f"deleted {NUM_IMAGES} copies/links" in out
+    assert _all_files(src) == before
+    assert [p.name for p in dst.iterdir()] == ["notes.md"]
+
+
+def test_cli_undo_refuses_when_a_source_path_is_taken(src, tmp_path):
+    dst = tmp_path / "flower_data"
+    assert _run_cli("--src", str(src), "--dst", str(dst), "--mode", "move").returncode == 0
+    taken = Path(read_split_csv(dst / "split.csv")[3]["source"])
+    _write_image(taken, seed=901)  # a new, different image where the original was
+    before_dst, before_src = _all_files(dst), _all_files(src)
+
+    refused = _run_cli("--dst", str(dst), "--undo")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith("error: --undo changed nothing, because of 1 file(s)")
+    assert f"{taken} is taken by a different file" in refused.stderr
+    assert _all_files(dst) == before_dst and _all_files(src) == before_src
+
+
+# ----------------------------------------------------------------------------- permissions (as a user, even under root)
+
+
+@pytest.mark.parametrize("where", ["dst", "its parent"])
+def test_cli_read_only_dst_is_one_line(src, tmp_path, where):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    dst = folder if where == "dst" else folder / "flower_data"
+    folder.chmod(0o555)
+    try:
+        result = _run_cli("--src", str(src), "--dst", str(dst), as_user=True)
+    finally:
+        folder.chmod(0o755)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith(f"error: --dst {dst} is not writable") and result.stderr.count("\n") == 1
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "unreadable, message",
+    [("daisy", "cannot read folder {}"), ("daisy/sub", "cannot read folder {}"), ("rose/rose_2.jpg", "cannot read {}")],
+)
+def test_cli_unreadable_source_is_named_with_the_os_error(src, tmp_path, unreadable, message):
+    path = src / unreadable
+    path.chmod(0)
+    try:
+        result = _run_cli("--src", str(src), "--dst", str(tmp_path / "o"), as_user=True)
+    finally:
+        path.chmod(0o755)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith("error: " + message.format(path) + " (Permission denied)")
+    assert result.stderr.count("\n") == 1
     assert not (tmp_path / "o").exists()
 
 
