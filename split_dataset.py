@@ -196,7 +196,10 @@ def finish_journaled(journal: Journal, dst: str, dry_run: bool) -> None:
             f"are in place, {len(progress.to_place)} would be placed{problems}. Nothing written."
         )
         return
-    write_split_csv(journal.rows, dst)  # the run may have stopped before writing it
+    try:
+        write_split_csv(journal.rows, dst)  # the run may have stopped before writing it
+    except OSError as error:
+        raise UsageError(f"cannot write to --dst {dst} ({error.strerror or error}); pick a folder you can write to") from None
     progress = finish_split(journal.rows, dst, journal.settings["mode"])
     remove_journal(dst)
     partials = f"; removed {len(progress.partials)} leftover .partial file(s)" if progress.partials else ""

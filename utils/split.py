@@ -393,7 +393,9 @@ def check_writable(dst: str | os.PathLike) -> None:
 
 
 def _holds_files(dst: Path) -> bool:
-    return dst.is_dir() and any(dst.iterdir())
+    # a run killed while writing its records leaves only their .partial: nothing of the user's
+    ours = {CSV_NAME + PARTIAL, JOURNAL_NAME + PARTIAL}
+    return dst.is_dir() and any(entry.name not in ours for entry in dst.iterdir())
 
 
 @dataclass(frozen=True)
@@ -530,13 +532,11 @@ def one_line_list(problems: Sequence[str]) -> str:
     return shown + (f"; ... and {more} more" if more > 0 else "")
 
 
-def _same_content(path: Path, other: Path, size: Optional[int] = None) -> bool:
-    """Same file, or same size (and `size`, when known) and same SHA-1."""
+def _same_content(path: Path, other: Path) -> bool:
+    """Same file, or same size and same SHA-1: deleting one of the two loses nothing."""
     if os.path.samefile(path, other):  # a hardlink split, or --src and --dst through a link
         return True
-    if path.stat().st_size != other.stat().st_size or (size is not None and path.stat().st_size != size):
-        return False
-    return file_sha1(path) == file_sha1(other)
+    return path.stat().st_size == other.stat().st_size and file_sha1(path) == file_sha1(other)
 
 
 def _matches_row(path: Path, row: PlannedFile) -> bool:
@@ -652,7 +652,7 @@ def _not_ours_because(path: Path, rows: Mapping[str, PlannedFile], dst: Path) ->
     if not os.path.lexists(row.source):
         return "the only copy, its source is gone (an earlier --mode move? --undo moves such files back)"
     try:
-        same = path.is_file() and _same_content(path, Path(row.source), row.size)
+        same = path.is_file() and _same_content(path, Path(row.source))
     except OSError as error:
         return f"cannot compare it with its source: {error.strerror or error}"
     return "" if same else "differs from its source"
@@ -857,12 +857,19 @@ def finish_split(rows: Sequence[PlannedFile], dst: str | os.PathLike, mode: str)
             f"cannot finish the split into {dst}, nothing was changed: {one_line_list(progress.problems)}. "
             f"Fix these by hand, or run `python split_dataset.py --dst {dst} --undo` to put the files back"
         )
-    for partial in progress.partials:
-        partial.unlink()  # ours (named after a journaled target) and its source is whole
-    for source in progress.sources_to_remove:
-        os.remove(source)  # its copy in DST was checked byte for byte
+    # ours: each .partial is named after a journaled target whose source is whole, and each source
+    # here has a copy in DST that was just checked byte for byte
+    _delete_all([*progress.partials, *map(Path, progress.sources_to_remove)], "finish the split")
     place_files(progress.to_place, dst, mode, total=len(rows))
     return progress
+
+
+def _delete_all(paths: Sequence[Path], task: str) -> None:
+    for path in paths:
+        try:
+            path.unlink()
+        except OSError as error:
+            raise UsageError(f"could not delete {path} ({error.strerror or error}) to {task}; fix that and run again") from None
 
 
 # ----------------------------------------------------------------------------- --undo
@@ -945,8 +952,6 @@ def undo_split(dst: str | os.PathLike, undo: UndoPlan) -> None:
                 f"moving {row.target(dst)} back to {source} failed ({error}); {done} of {len(undo.move_back)} "
                 "file(s) were moved back and no file was lost; fix the cause and run --undo again"
             ) from None
-    for path in undo.remove:
-        path.unlink()
+    _delete_all(undo.remove, "undo the split")
     _remove_empty_folders([row.target(dst) for row in undo.move_back] + undo.remove, dst)
-    for record in (JOURNAL_NAME, CSV_NAME):
-        Path(dst, record).unlink(missing_ok=True)
+    _delete_all([Path(dst, r) for r in (JOURNAL_NAME, CSV_NAME) if os.path.lexists(Path(dst, r))], "undo the split")
