@@ -670,6 +670,23 @@ def test_cli_undo_restores_the_source_tree_byte_identical(src, tmp_path, kill_af
     assert list(dst.iterdir()) == []  # split folders, split.csv and the journal: all gone
 
 
+def test_cli_a_foreign_file_at_a_planned_target_stops_the_rerun_and_survives_undo(src, tmp_path):
+    before = _all_files(src)
+    dst = tmp_path / "flower_data"
+    args = ("--src", str(src), "--dst", str(dst), "--mode", "move")
+    assert _run_cli(*args, env={"SPLIT_DATASET_KILL_AT": "placed:3"}).returncode == KILLED
+    unplaced = next(dst / r["file"] for r in read_split_csv(dst / "split.csv") if not (dst / r["file"]).exists())
+    _write_image(unplaced, seed=321)  # someone else's file where the plan puts one
+    mine = _sha1(unplaced)
+    stopped = _run_cli(*args)
+    assert stopped.returncode == 2 and stopped.stderr.count("\n") == 1
+    assert f"nothing was changed: {unplaced} exists and is not the file planned there" in stopped.stderr
+    undone = _run_cli("--dst", str(dst), "--undo")
+    assert undone.returncode == 0, undone.stderr
+    assert _all_files(src) == before
+    assert _all_files(dst) == {unplaced.relative_to(dst).as_posix(): mine}  # left alone, not deleted
+
+
 def test_undo_of_a_copy_split_deletes_only_the_copies(src, tmp_path, capsys):
     before = _all_files(src)
     dst = tmp_path / "o"

@@ -900,10 +900,13 @@ def _undo_state(row: PlannedFile, dst: Path) -> tuple[str, str]:
     if not os.path.lexists(source):
         return "move_back", ""
     try:
-        same = source.is_file() and _same_content(target, source)
+        if source.is_file() and _same_content(target, source):
+            return "remove", ""
+        if source.is_file() and _matches_row(source, row):  # the original is back; TARGET is not ours: left alone
+            return "at_source", ""
     except OSError as error:
         return "problem", f"cannot compare {target} with {source}: {error.strerror or error}"
-    return ("remove", "") if same else ("problem", f"{source} is taken by a different file")
+    return "problem", f"{source} is taken by a different file"
 
 
 def plan_undo(dst: str | os.PathLike) -> UndoPlan:
