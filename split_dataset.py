@@ -3,8 +3,12 @@
     python split_dataset.py --src flower_photos --dst data/flower_data --val_ratio 0.1 --test_ratio 0.1
 
 SRC/<class>/**/<image>  ->  DST/{train,val,test}/<class>/...  plus DST/split.csv (file, source,
-class, split, sha1). The planning and file handling live in utils/split.py; see README
+class, split, sha1, size). The planning and file handling live in utils/split.py; see README
 "Splitting a dataset".
+
+A run cut short (kill -9, disk full) is finished by running the same command again: the plan
+is journaled in DST/split.journal.json before the first file is placed. `--dst DST --undo`
+puts every file back where split.csv says it came from.
 """
 
 from __future__ import annotations
@@ -19,18 +23,29 @@ from utils.errors import UsageError
 from utils.split import (
     MIN_CLASS_SIZE,
     MODES,
+    Journal,
     SourceScan,
     SplitPlan,
-    apply_split,
     check_destination,
     check_locations,
     check_mode,
     check_ratios,
+    check_writable,
+    finish_split,
     hash_files,
+    one_line_list,
+    overwrite_removals,
+    plan_progress,
     plan_split,
-    planned_removals,
-    remove_paths,
+    plan_undo,
+    planned_files,
+    read_journal,
+    remove_files,
+    remove_journal,
     scan_source,
+    split_settings,
+    undo_split,
+    write_journal,
     write_split_csv,
 )
 
@@ -58,7 +73,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="allow a --dst that holds files: replaces only its train/ val/ test/ and split.csv",
+        help="allow a --dst that holds an earlier split: deletes only the files its split.csv lists that still "
+        "match their source, and refuses (touching nothing) if train/ val/ test/ hold anything else",
+    )
+    parser.add_argument(
+        "--undo",
+        action="store_true",
+        help="with --dst only: put every file listed in DST/split.csv back (moved files to their source path; "
+        "copies and links whose source is intact are deleted), then delete split.csv. Refuses, changing "
+        "nothing, when a source path holds a different file",
     )
     parser.add_argument("--dry_run", "--dry-run", action="store_true", help="print the plan, write nothing")
     return parser
@@ -73,7 +96,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_ratios(args.val_ratio, args.test_ratio)
     check_locations(args.src, args.dst)
     check_mode(args.mode, args.src, args.dst)
-    check_destination(args.dst, args.overwrite)
+    check_writable(args.dst)
 
 
 def report(scan: SourceScan, plan: SplitPlan) -> str:
@@ -117,7 +140,17 @@ def _duplicate_lines(plan: SplitPlan, root: str) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = get_args_parser().parse_args(argv)
+    if args.undo:
+        undo(args.dst, args.dry_run)
+        return
     check_args(args)
+    settings = split_settings(args.src, args.mode, args.seed, args.val_ratio, args.test_ratio)
+    journal = read_journal(args.dst) if os.path.isdir(args.dst) else None
+    if journal is not None and journal.settings == settings:
+        finish_journaled(journal, args.dst, args.dry_run)
+        return
+    check_destination(args.dst, args.overwrite, journal)
+    removals = overwrite_removals(args.src, args.dst) if args.overwrite else []  # refuses before any work
     scan = scan_source(args.src)
     paths = [p for files in scan.files.values() for p in files]
     hashes = hash_files(paths)
@@ -127,20 +160,76 @@ def main(argv: Optional[list[str]] = None) -> None:
     if "val" not in plan.splits:
         raise UsageError(f"no class in --src {args.src} has {MIN_CLASS_SIZE} or more images: nothing for val/")
     print(report(scan, plan))
-    removals = planned_removals(plan, args.src, args.dst)
     if args.dry_run:
-        for path in removals:
-            print(f"Would delete {path}")
+        if removals:
+            print(f"Would delete {len(removals)} file(s) of the earlier split in {args.dst} (each is still at its source)")
         print(f"Dry run: would {args.mode} {len(paths)} file(s) into {args.dst}; nothing written.")
         return
-    for path in removals:
-        print(f"Deleting {path} (--overwrite)")
-    remove_paths(removals)
-    os.makedirs(args.dst, exist_ok=True)
-    csv_path = write_split_csv(plan, args.src, args.dst, hashes)  # first: a cut-short run still says what went where
-    placed = apply_split(plan, args.src, args.dst, args.mode)
+    if removals:
+        print(f"Deleting {len(removals)} file(s) of the earlier split in {args.dst} (--overwrite; each is still at its source)")
+        remove_files(removals, args.dst)
+    rows = planned_files(plan, args.src, args.dst, hashes)
+    csv_path = write_records(args.dst, settings, rows)
+    finish_split(rows, args.dst, args.mode)
+    remove_journal(args.dst)
     totals = ", ".join(f"{s} {sum(row[s] for row in plan.counts().values())}" for s in plan.splits)
-    print(f"Done: {args.mode} {placed} file(s) into {args.dst} ({totals}); wrote {csv_path}")
+    print(f"Done: {args.mode} {len(rows)} file(s) into {args.dst} ({totals}); wrote {csv_path}")
+
+
+def write_records(dst: str, settings: dict, rows: list) -> str:
+    """The journal first (from then on a re-run can finish the split and --undo can revert it), then split.csv."""
+    try:
+        os.makedirs(dst, exist_ok=True)
+        write_journal(dst, settings, rows)
+        return str(write_split_csv(rows, dst))
+    except OSError as error:
+        raise UsageError(f"cannot write to --dst {dst} ({error.strerror or error}); pick a folder you can write to") from None
+
+
+def finish_journaled(journal: Journal, dst: str, dry_run: bool) -> None:
+    """The same command as an unfinished split: complete its journaled plan (no re-scan: moved files are gone from SRC)."""
+    if dry_run:
+        progress = plan_progress(journal.rows, dst, journal.settings["mode"])
+        problems = f"; it cannot finish: {one_line_list(progress.problems)}" if progress.problems else ""
+        print(
+            f"Dry run: {journal.path} holds an unfinished split; {progress.placed} of {len(journal.rows)} file(s) "
+            f"are in place, {len(progress.to_place)} would be placed{problems}. Nothing written."
+        )
+        return
+    try:
+        write_split_csv(journal.rows, dst)  # the run may have stopped before writing it
+    except OSError as error:
+        raise UsageError(f"cannot write to --dst {dst} ({error.strerror or error}); pick a folder you can write to") from None
+    progress = finish_split(journal.rows, dst, journal.settings["mode"])
+    remove_journal(dst)
+    partials = f"; removed {len(progress.partials)} leftover .partial file(s)" if progress.partials else ""
+    print(
+        f"Finished the split journaled in {journal.path}: {progress.placed} of {len(journal.rows)} file(s) were "
+        f"already in place, {len(progress.to_place)} placed now{partials}"
+    )
+
+
+def undo(dst: Optional[str], dry_run: bool) -> None:
+    """--undo: every file split.csv lists goes back to its source; refuses, changing nothing, on any conflict."""
+    if not dst:
+        raise UsageError("--undo needs --dst: the folder of the split to undo")
+    plan = plan_undo(dst)
+    if plan.problems:
+        raise UsageError(
+            f"--undo changed nothing, because of {len(plan.problems)} file(s): {one_line_list(plan.problems)}. "
+            "Move what is at those paths out of the way, then run --undo again"
+        )
+    counts = (len(plan.move_back), len(plan.remove), plan.at_source)
+    if dry_run:
+        print("Dry run: --undo would move {} file(s) back to their source and delete {} copies/links/partial "
+              "file(s) whose source is intact ({} already at their source); nothing changed.".format(*counts))
+    else:
+        undo_split(dst, plan)
+        print("Undone: moved {} file(s) back to their source, deleted {} copies/links/partial file(s) whose "
+              "source is intact ({} already at their source); deleted split.csv".format(*counts))
+    if plan.missing:
+        print(f"Warning: {len(plan.missing)} listed file(s) are neither in {dst} nor at their source: "
+              f"{one_line_list(plan.missing)}")
 
 
 if __name__ == "__main__":

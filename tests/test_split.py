@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
 import random
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -135,12 +139,33 @@ def _run_main(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONIOENCODING="utf-8")
-    return subprocess.run(
-        [sys.executable, "split_dataset.py", *args],
-        cwd=REPO, capture_output=True, text=True, encoding="utf-8", env=env, timeout=120,
-    )
+def _run_cli(*args: str, env: Optional[dict] = None, as_user: bool = False) -> subprocess.CompletedProcess:
+    """The script as a user runs it. `env`: extra variables. `as_user`: file permissions apply even
+    when the tests run as root (see `_drop_root_file_override`)."""
+    full_env = dict(os.environ, PYTHONIOENCODING="utf-8", **(env or {}))
+    try:
+        return subprocess.run(
+            [sys.executable, "split_dataset.py", *args], cwd=REPO, capture_output=True, text=True,
+            encoding="utf-8", env=full_env, timeout=120, preexec_fn=_drop_root_file_override if as_user else None,
+        )
+    except subprocess.TimeoutExpired:
+        raise
+    except subprocess.SubprocessError as error:  # raised in the child by _drop_root_file_override
+        pytest.skip(f"running as root and cannot drop CAP_DAC_OVERRIDE for the child, so chmod does not bind it: {error}")
+
+
+def _drop_root_file_override() -> None:
+    """In the child: root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH meets permission bits like any
+    user (dropped from the bounding set, so the exec'd python never gets them back). No-op when not root."""
+    if os.geteuid() != 0:
+        return
+    if not sys.platform.startswith("linux"):
+        raise OSError("no prctl outside Linux")
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2  # <linux/prctl.h>, <linux/capability.h>
+    for cap in (cap_dac_override, cap_dac_read_search):
+        if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) refused")
 
 
 def _names(n: int, prefix: str = "img") -> list[str]:
@@ -385,17 +410,21 @@ def test_overwrite_never_deletes_the_only_copy_of_moved_files(src, tmp_path, cap
     assert _run_main(["--src", str(src), "--dst", str(dst), "--mode", "move"], capsys)[0] == 0
     moved = _all_files(dst)
     code, _, err = _run_main(["--src", str(again), "--dst", str(dst), "--overwrite"], capsys)
-    assert code == 2 and "would delete the only copy" in err
+    assert code == 2 and "the only copy, its source is gone" in err.lower() and "--undo" in err
     assert _all_files(dst) == moved
 
 
-def test_overwrite_refuses_to_leave_a_stale_test_folder(src, tmp_path, capsys):
+def test_overwrite_removes_an_earlier_test_folder_the_new_split_does_not_write(src, tmp_path, capsys):
     dst = tmp_path / "o"
-    assert _run_main(["--src", str(src), "--dst", str(dst)], capsys)[0] == 0
-    before = _all_files(dst)
+    assert _run_main(["--src", str(src), "--dst", str(dst), "--seed", "2"], capsys)[0] == 0
+    assert (dst / "test").is_dir()
+    before = _all_files(src)
     code, _, err = _run_main(["--src", str(src), "--dst", str(dst), "--overwrite", "--test_ratio", "0"], capsys)
-    assert code == 2 and "test would be left from an earlier split" in err
-    assert _all_files(dst) == before
+    assert code == 0, err
+    assert not (dst / "test").exists()  # its files were ours and matched their sources: nothing stale left
+    assert _all_files(src) == before
+    assert {r["split"] for r in read_split_csv(dst / "split.csv")} == {"train", "val"}
+    assert len(_split_files(dst)) == NUM_IMAGES
 
 
 def test_overwrite_never_deletes_the_source(src, tmp_path, capsys):
@@ -403,7 +432,7 @@ def test_overwrite_never_deletes_the_source(src, tmp_path, capsys):
     assert _run_main(["--src", str(src), "--dst", str(dst), "--test_ratio", "0"], capsys)[0] == 0
     before = _all_files(dst)
     code, _, err = _run_main(["--src", str(dst / "train"), "--dst", str(dst), "--overwrite", "--test_ratio", "0"], capsys)
-    assert code == 2 and "which --overwrite would delete" in err
+    assert code == 2 and "which --overwrite would empty" in err
     assert _all_files(dst) == before
 
 
@@ -474,26 +503,75 @@ def test_cli_move_loses_no_file(src, tmp_path):
     assert {"LICENSE.txt", "daisy/notes.txt", "daisy/._daisy_3.png"} <= set(left)  # skipped files stay
 
 
-def test_cli_refuses_a_full_dst_and_overwrite_replaces_only_the_splits(src, tmp_path, capsys):
+def test_cli_refuses_a_full_dst_without_overwrite(src, tmp_path, capsys):
     dst = tmp_path / "flower_data"
     assert _run_main(["--src", str(src), "--dst", str(dst)], capsys)[0] == 0
-    (dst / "notes.md").write_text("mine")
-    shutil.copyfile(src / "single" / "one.png", dst / "train" / "daisy" / "stray.png")
     before = _all_files(dst)
-
     refused = _run_cli("--src", str(src), "--dst", str(dst), "--seed", "1")
     assert refused.returncode == 2
-    assert refused.stderr.startswith("error: --dst") and "--overwrite" in refused.stderr
-    assert "Traceback" not in refused.stderr and refused.stdout == ""  # refused before any work
+    assert refused.stderr.startswith("error: --dst") and refused.stderr.count("\n") == 1
+    assert "pass --overwrite" in refused.stderr and "still identical in size and content" in refused.stderr
+    assert refused.stdout == ""  # refused before any work
     assert _all_files(dst) == before
+
+
+@pytest.mark.parametrize("record", ["split.csv", "old split.csv (no size column)"])
+def test_cli_overwrite_replaces_a_clean_earlier_split(src, tmp_path, capsys, record):
+    dst = tmp_path / "flower_data"
+    assert _run_main(["--src", str(src), "--dst", str(dst)], capsys)[0] == 0
+    if record.startswith("old"):  # as written before sizes were recorded: read back the same
+        lines = (dst / "split.csv").read_text(encoding="utf-8").splitlines()
+        assert lines[0].endswith(",sha1,size")
+        (dst / "split.csv").write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n", encoding="utf-8")
+    (dst / "notes.md").write_text("mine")
+    source_files = _all_files(src)
 
     replaced = _run_cli("--src", str(src), "--dst", str(dst), "--seed", "1", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
-    assert (dst / "notes.md").read_text() == "mine"  # not a split folder: kept
-    assert not (dst / "train" / "daisy" / "stray.png").exists()
+    assert f"Deleting {NUM_IMAGES} file(s) of the earlier split" in replaced.stdout
+    assert (dst / "notes.md").read_text() == "mine"  # outside the split folders: kept
     plan = _expected_plan(src, seed=1)
     assert _split_files(dst) == {Path(a.path).relative_to(src).as_posix(): a.split for a in plan.assignments}
-    assert [r["split"] for r in read_split_csv(dst / "split.csv")] == [a.split for a in plan.assignments]
+    rows = read_split_csv(dst / "split.csv")
+    assert [r["split"] for r in rows] == [a.split for a in plan.assignments]
+    assert all(int(r["size"]) == (dst / r["file"]).stat().st_size for r in rows)
+    assert sorted(p.name for p in dst.iterdir()) == ["notes.md", "split.csv", "test", "train", "val"]  # no journal
+    assert _all_files(src) == source_files
+
+
+@pytest.mark.parametrize("record", ["listed elsewhere", "no split.csv"])
+def test_cli_overwrite_keeps_hand_placed_files_and_lists_them(src, tmp_path, capsys, record):
+    dst = tmp_path / "flower_data"
+    assert _run_main(["--src", str(src), "--dst", str(dst)], capsys)[0] == 0
+    if record == "no split.csv":
+        (dst / "split.csv").unlink()
+    for i in range(12):  # more than the 10 a refusal lists
+        _write_image(dst / "train" / "daisy" / f"only_copy_{i:02d}.png", seed=500 + i)
+    before = _all_files(dst)
+
+    refused = _run_cli("--src", str(src), "--dst", str(dst), "--overwrite")
+    assert refused.returncode == 2
+    err = refused.stderr
+    assert err.startswith("error: --overwrite deletes only files an earlier split wrote") and err.count("\n") == 1
+    hand_placed = 12 if record == "listed elsewhere" else 12 + NUM_IMAGES
+    assert f"because {hand_placed} file(s)" in err and f"and {hand_placed - 10} more" in err
+    assert ("Not in split.csv: train/daisy/only_copy_00.png" in err) == (record == "listed elsewhere")
+    assert len(re.findall(r"\.(?:png|jpg)\b", err)) == 10  # the files listed
+    assert refused.stdout == ""  # refused before the plan was even printed
+    assert _all_files(dst) == before  # nothing touched
+
+
+def test_cli_overwrite_refuses_a_file_changed_since_the_split(src, tmp_path, capsys):
+    dst = tmp_path / "flower_data"
+    assert _run_main(["--src", str(src), "--dst", str(dst)], capsys)[0] == 0
+    changed = next(dst / r["file"] for r in read_split_csv(dst / "split.csv") if r["class"] == "rose")
+    _write_image(changed, seed=777)  # edited in place (say, cropped by hand): the only copy of that version
+    before = _all_files(dst)
+    refused = _run_cli("--src", str(src), "--dst", str(dst), "--overwrite")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    rel = changed.relative_to(dst).as_posix()
+    assert "because 1 file(s)" in refused.stderr and f"Differs from its source: {rel}." in refused.stderr
+    assert _all_files(dst) == before
 
 
 def test_cli_dry_run_writes_nothing(src, tmp_path):
@@ -511,6 +589,162 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     result = _run_cli("--src", str(tmp_path / "missing"), "--dst", str(tmp_path / "o"))
     assert result.returncode == 2
     assert result.stderr == f"error: --src {tmp_path / 'missing'} does not exist or is not a folder\n"
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- cut short, finished, undone
+# SPLIT_DATASET_KILL_AT=EVENT:N makes the script SIGKILL itself at its Nth EVENT (utils.split._crash_hook):
+# a real kill -9, at a point the test chooses.
+
+KILLED = -signal.SIGKILL
+
+
+def _files_in_splits(dst: Path) -> list[Path]:
+    return sorted(p for s in SPLITS for p in (dst / s).rglob("*") if p.is_file() and p.suffix != ".partial")
+
+
+def test_cli_move_killed_midway_is_finished_by_the_same_command(src, tmp_path):
+    images = _image_hashes(src)
+    plan = _expected_plan(src)
+    split_of = {Path(a.path).relative_to(src).as_posix(): a.split for a in plan.assignments}
+    dst = tmp_path / "flower_data"
+    args = ("--src", str(src), "--dst", str(dst), "--mode", "move")
+    assert _run_cli(*args, env={"SPLIT_DATASET_KILL_AT": "placed:5"}).returncode == KILLED
+    assert (dst / "split.journal.json").is_file() and len(read_split_csv(dst / "split.csv")) == NUM_IMAGES
+    moved = [rel for rel in images if (dst / split_of[rel] / rel).exists()]
+    assert len(moved) == 5 and not any((src / rel).exists() for rel in moved)
+    # a move across filesystems killed between its copy and deleting the source leaves the file twice
+    shutil.copy2(dst / split_of[moved[0]] / moved[0], src / moved[0])
+    before = _all_files(dst)
+
+    other = _run_cli("--src", str(src), "--dst", str(dst), "--mode", "move", "--seed", "1")
+    assert other.returncode == 2 and other.stderr.count("\n") == 1
+    assert "holds an unfinished split" in other.stderr and "run that same command again" in other.stderr
+    dry = _run_cli(*args, "--dry_run")
+    assert dry.returncode == 0 and "5 of 28 file(s) are in place, 23 would be placed" in dry.stdout
+    assert _all_files(dst) == before
+
+    finished = _run_cli(*args)
+    assert finished.returncode == 0, finished.stderr
+    assert "5 of 28 file(s) were already in place, 23 placed now" in finished.stdout
+    for rel, sha1 in images.items():  # every file exactly once, where the plan put it, byte for byte
+        places = [p for p in (src / rel, dst / split_of[rel] / rel) if p.exists()]
+        assert places == [dst / split_of[rel] / rel] and _sha1(places[0]) == sha1, rel
+    assert len(_files_in_splits(dst)) == NUM_IMAGES
+    assert not (dst / "split.journal.json").exists()
+
+
+@pytest.mark.parametrize("rerun", [[], ["--overwrite", "--seed", "1"]], ids=["same command", "overwrite"])
+def test_cli_copy_killed_mid_file_leaves_a_partial_that_a_rerun_cleans(src, tmp_path, rerun):
+    before = _all_files(src)
+    dst = tmp_path / "flower_data"
+    killed = _run_cli("--src", str(src), "--dst", str(dst), env={"SPLIT_DATASET_KILL_AT": "partial:4"})
+    assert killed.returncode == KILLED
+    (partial,) = list(dst.rglob("*.partial"))
+    assert len(_files_in_splits(dst)) == 3
+
+    finished = _run_cli("--src", str(src), "--dst", str(dst), *rerun)
+    assert finished.returncode == 0, finished.stderr
+    if not rerun:
+        assert "removed 1 leftover .partial file(s)" in finished.stdout
+    assert not list(dst.rglob("*.partial")) and not (dst / "split.journal.json").exists()
+    seed = int(rerun[-1]) if rerun else 0
+    expected = {Path(a.path).relative_to(src).as_posix(): a.split for a in _expected_plan(src, seed=seed).assignments}
+    assert _split_files(dst) == expected
+    assert _all_files(src) == before
+
+
+@pytest.mark.parametrize("kill_after", [0, 7], ids=["finished move", "killed move"])
+def test_cli_undo_restores_the_source_tree_byte_identical(src, tmp_path, kill_after):
+    before = _all_files(src)  # skipped files included: they must not be touched either
+    dst = tmp_path / "flower_data"
+    env = {"SPLIT_DATASET_KILL_AT": f"placed:{kill_after}"} if kill_after else None
+    first = _run_cli("--src", str(src), "--dst", str(dst), "--mode", "move", env=env)
+    assert first.returncode == (KILLED if kill_after else 0)
+    assert _all_files(src) != before
+
+    undone = _run_cli("--dst", str(dst), "--undo")
+    assert undone.returncode == 0, undone.stderr
+    assert f"moved {kill_after or NUM_IMAGES} file(s) back to their source" in undone.stdout
+    assert _all_files(src) == before
+    assert list(dst.iterdir()) == []  # split folders, split.csv and the journal: all gone
+
+
+def test_cli_a_foreign_file_at_a_planned_target_stops_the_rerun_and_survives_undo(src, tmp_path):
+    before = _all_files(src)
+    dst = tmp_path / "flower_data"
+    args = ("--src", str(src), "--dst", str(dst), "--mode", "move")
+    assert _run_cli(*args, env={"SPLIT_DATASET_KILL_AT": "placed:3"}).returncode == KILLED
+    unplaced = next(dst / r["file"] for r in read_split_csv(dst / "split.csv") if not (dst / r["file"]).exists())
+    _write_image(unplaced, seed=321)  # someone else's file where the plan puts one
+    mine = _sha1(unplaced)
+    stopped = _run_cli(*args)
+    assert stopped.returncode == 2 and stopped.stderr.count("\n") == 1
+    assert f"nothing was changed: {unplaced} exists and is not the file planned there" in stopped.stderr
+    undone = _run_cli("--dst", str(dst), "--undo")
+    assert undone.returncode == 0, undone.stderr
+    assert _all_files(src) == before
+    assert _all_files(dst) == {unplaced.relative_to(dst).as_posix(): mine}  # left alone, not deleted
+
+
+def test_undo_of_a_copy_split_deletes_only_the_copies(src, tmp_path, capsys):
+    before = _all_files(src)
+    dst = tmp_path / "o"
+    assert _run_main(["--src", str(src), "--dst", str(dst), "--mode", "symlink"], capsys)[0] == 0
+    (dst / "notes.md").write_text("mine")
+    code, out, err = _run_main(["--dst", str(dst), "--undo"], capsys)
+    assert code == 0, err
+    assert f"deleted {NUM_IMAGES} copies/links" in out
+    assert _all_files(src) == before
+    assert [p.name for p in dst.iterdir()] == ["notes.md"]
+
+
+def test_cli_undo_refuses_when_a_source_path_is_taken(src, tmp_path):
+    dst = tmp_path / "flower_data"
+    assert _run_cli("--src", str(src), "--dst", str(dst), "--mode", "move").returncode == 0
+    taken = Path(read_split_csv(dst / "split.csv")[3]["source"])
+    _write_image(taken, seed=901)  # a new, different image where the original was
+    before_dst, before_src = _all_files(dst), _all_files(src)
+
+    refused = _run_cli("--dst", str(dst), "--undo")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith("error: --undo changed nothing, because of 1 file(s)")
+    assert f"{taken} is taken by a different file" in refused.stderr
+    assert _all_files(dst) == before_dst and _all_files(src) == before_src
+
+
+# ----------------------------------------------------------------------------- permissions (as a user, even under root)
+
+
+@pytest.mark.parametrize("where", ["dst", "its parent"])
+def test_cli_read_only_dst_is_one_line(src, tmp_path, where):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    dst = folder if where == "dst" else folder / "flower_data"
+    folder.chmod(0o555)
+    try:
+        result = _run_cli("--src", str(src), "--dst", str(dst), as_user=True)
+    finally:
+        folder.chmod(0o755)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith(f"error: --dst {dst} is not writable") and result.stderr.count("\n") == 1
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "unreadable, message",
+    [("daisy", "cannot read folder {}"), ("daisy/sub", "cannot read folder {}"), ("rose/rose_2.jpg", "cannot read {}")],
+)
+def test_cli_unreadable_source_is_named_with_the_os_error(src, tmp_path, unreadable, message):
+    path = src / unreadable
+    path.chmod(0)
+    try:
+        result = _run_cli("--src", str(src), "--dst", str(tmp_path / "o"), as_user=True)
+    finally:
+        path.chmod(0o755)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith("error: " + message.format(path) + " (Permission denied)")
+    assert result.stderr.count("\n") == 1
     assert not (tmp_path / "o").exists()
 
 
