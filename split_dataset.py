@@ -3,8 +3,8 @@
     python split_dataset.py --src flower_photos --dst data/flower_data --val_ratio 0.1 --test_ratio 0.1
 
 SRC/<class>/**/<image>  ->  DST/{train,val,test}/<class>/...  plus DST/split.csv (file, source,
-class, split, sha1, size). The planning and file handling live in utils/split.py; see README
-"Splitting a dataset".
+class, split, sha1, size). The plan comes from utils/split.py, the file handling from
+utils/split_files.py; see docs/splitting.md.
 
 A run cut short (kill -9, disk full) is finished by running the same command again: the plan
 is journaled in DST/split.journal.json before the first file is placed. `--dst DST --undo`
@@ -22,21 +22,23 @@ from utils.cli import run_cli
 from utils.errors import UsageError
 from utils.split import (
     MIN_CLASS_SIZE,
+    SplitPlan,
+    check_ratios,
+    plan_split,
+)
+from utils.split_files import (
     MODES,
     Journal,
     SourceScan,
-    SplitPlan,
     check_destination,
     check_locations,
     check_mode,
-    check_ratios,
     check_writable,
     finish_split,
     hash_files,
     one_line_list,
     overwrite_removals,
     plan_progress,
-    plan_split,
     plan_undo,
     planned_files,
     read_journal,

@@ -1,4 +1,4 @@
-"""utils/split.py (planner, file placement) and split_dataset.py (CLI), on real files in tmp_path."""
+"""utils/split.py (planner), utils/split_files.py (file placement) and split_dataset.py (CLI), on real files in tmp_path."""
 
 from __future__ import annotations
 
@@ -21,17 +21,19 @@ import pytest
 from PIL import Image
 
 import split_dataset
-import utils.split as split_module
+import utils.split_files as split_module
 from utils.cli import run_cli
 from utils.errors import UsageError
 from utils.split import (
     SPLITS,
+    plan_split,
+    split_counts,
+)
+from utils.split_files import (
     apply_split,
     hash_files,
-    plan_split,
     read_split_csv,
     scan_source,
-    split_counts,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -593,7 +595,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------- cut short, finished, undone
-# SPLIT_DATASET_KILL_AT=EVENT:N makes the script SIGKILL itself at its Nth EVENT (utils.split._crash_hook):
+# SPLIT_DATASET_KILL_AT=EVENT:N makes the script SIGKILL itself at its Nth EVENT (utils.split_files._crash_hook):
 # a real kill -9, at a point the test chooses.
 
 KILLED = -signal.SIGKILL

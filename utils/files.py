@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from natsort import natsorted
@@ -44,3 +45,13 @@ def unique_path(folder: str | os.PathLike, name: str) -> str:
         number += 1
         candidate = os.path.join(folder, f"{stem}-{number}{suffix}")
     return candidate
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks (the one hashing loop of the project:
+    split records, downloaded weights, export provenance, the audit's exact duplicates)."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
