@@ -51,6 +51,7 @@ from utils.distributed import (
     add_distributed_args,
     begin_epoch,
     check_same_on_all_ranks,
+    describe_peer_failure,
     describe_scale,
     eval_sampler,
     follow_unfreeze,
@@ -497,4 +498,4 @@ def final_report(run_dir: Path, model: nn.Module, eval_loaders: dict, criterion:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, describe_peer_failure)

@@ -183,12 +183,3 @@ def versions() -> dict[str, str]:
 
 def timestamp() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def checkpoint_summary(checkpoint: dict, path: Optional[str] = None) -> str:
-    """One line describing a checkpoint, for logs and the UI title."""
-    name = checkpoint.get("model", "unknown model")
-    classes = checkpoint.get("class_names") or []
-    epoch = checkpoint.get("epoch")
-    where = f" ({path})" if path else ""
-    return f"{name}, {len(classes)} classes, epoch {epoch}{where}"

@@ -9,11 +9,13 @@ from typing import Callable, Optional
 from utils.errors import UsageError
 
 
-def run_cli(main: Callable[[], object]) -> None:
+def run_cli(main: Callable[[], object],
+            explain_failure: Optional[Callable[[BaseException], Optional[str]]] = None) -> None:
     """Run a script's `main()` and turn user errors and Ctrl-C into clean exits.
 
-    Under torchrun the message names the rank, and losing contact with a crashed or hung
-    rank is one line (exit 1) rather than a traceback.
+    `explain_failure` turns a RuntimeError it recognises into one line (exit 1) instead of a
+    traceback: train.py passes utils.distributed.describe_peer_failure, so losing contact with
+    a crashed or hung rank reads as such. Under torchrun every message names the rank.
     """
     try:
         main()
@@ -24,7 +26,7 @@ def run_cli(main: Callable[[], object]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except RuntimeError as error:
-        message = _peer_failure(error)
+        message = explain_failure(error) if explain_failure else None
         if message is None:
             raise
         print(f"error: {_rank_prefix()}{message}", file=sys.stderr)
@@ -36,8 +38,3 @@ def _rank_prefix() -> str:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return f"[rank {os.environ.get('RANK', '?')}] "
     return ""
-
-
-def _peer_failure(error: RuntimeError) -> Optional[str]:
-    distributed = sys.modules.get("utils.distributed")  # only scripts that train import it (and torch)
-    return distributed.describe_peer_failure(error) if distributed else None

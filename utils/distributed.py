@@ -143,12 +143,6 @@ def _device_for_local_rank(device_name: str, local_rank: int) -> torch.device:
     return device
 
 
-def barrier() -> None:
-    """Wait until every rank gets here (no-op in one process)."""
-    if is_distributed():
-        dist.barrier()
-
-
 def cleanup_distributed() -> None:
     """Leave the process group (no-op in one process); init_distributed registers it to run at exit.
 
