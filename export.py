@@ -24,6 +24,8 @@ from utils.cli import run_cli
 from utils.errors import UsageError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from inference.check_images import CheckImages
     from inference.export import ExportResult, ExportSource
 
@@ -90,20 +92,23 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], Optional[int]]:
     return formats, batch
 
 
-def prepare_out_dir(out: Optional[str], weights: str) -> Path:
-    """The output folder, created if needed, proven writable by writing (and removing) a probe file."""
+def prepare_out_dir(out: Optional[str], weights: str) -> tuple[Path, bool]:
+    """The output folder, created if needed, proven writable by writing (and removing) a probe file.
+    Returns (folder, whether this run created it)."""
     folder = Path(out) if out is not None else Path(weights).parent
     flag = f"--out {folder}" if out is not None else f"the checkpoint's folder {folder} (choose another with --out)"
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".export-probe-"):
             pass
     except OSError as error:
         raise UsageError(f"{flag} is not writable: {error.strerror or error}") from None
-    return folder
+    return folder, created
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
+    """Export, check and save; returns the saved files and parity numbers (for tests and callers)."""
     args = get_args_parser().parse_args(argv)
     formats, batch = check_args(args)
     from inference.check_images import choose_check_images
@@ -114,29 +119,35 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                 args.check_limit)
     if args.int8 and check.generated:
         raise UsageError("--int8 calibrates on real images: give --check_images DIR (a few hundred of your images)")
-    out_dir = prepare_out_dir(args.out, args.weights)  # after every check that can fail: no empty folder left
     print(describe_source(source))
     print(f"Check images: {check.describe()}")
     for note in check.notes:
         print(f"note: {note}")
     reference = reference_probabilities(source, check.images)
-    results = [export_one(fmt, source, check, reference, out_dir, batch, args.opset) for fmt in formats]
+    out_dir, created = prepare_out_dir(args.out, args.weights)
+    try:
+        results = [export_one(fmt, source, check, reference, out_dir, batch, args.opset) for fmt in formats]
+    except BaseException:  # a failed export (exit 1 or 2, Ctrl-C) leaves no empty folder of ours behind
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     summary: dict = {"files": {r.format: str(r.path) for r in results},
                      "parity": {r.format: {"max_delta": r.parity.max_delta, "agree": r.parity.agree,
                                            "count": r.parity.count} for r in results}}
     if args.int8:
-        summary["int8"] = export_int8(results[0].path, check)
+        summary["int8"] = report_int8(results[0].path, check)
     return summary
 
 
 def describe_source(source: ExportSource) -> str:
+    """The model line: what is exported, and from which file (the hash prefix tells copies apart)."""
     height, width = source.preprocess.input_size
     return (f"Model: {source.model_name}, {len(source.class_names)} classes, input {height}x{width} "
             f"({source.preprocess.resize_mode}), temperature {source.temperature:g}  "
             f"[{source.path}, sha256 {source.sha256[:12]}]")
 
 
-def export_one(fmt: str, source: ExportSource, check: CheckImages, reference, out_dir: Path,
+def export_one(fmt: str, source: ExportSource, check: CheckImages, reference: np.ndarray, out_dir: Path,
                batch: Optional[int], opset: Optional[int]) -> ExportResult:
     """One format: export, parity check, save; a disagreement is one line and exit 1, no file."""
     from inference.export import ParityError, export_checked
@@ -154,7 +165,8 @@ def export_one(fmt: str, source: ExportSource, check: CheckImages, reference, ou
     return result
 
 
-def export_int8(fp32_path: Path, check: CheckImages) -> dict:
+def report_int8(fp32_path: Path, check: CheckImages) -> dict:
+    """Quantise the checked fp32 file; print speed, agreement and accuracy, and whether it was kept."""
     from inference.quantize import FASTER_BY, export_int8
 
     report = export_int8(fp32_path, check.images.numpy(), check.labels, check.origin)

@@ -49,9 +49,9 @@ METADATA_KEYS = ("format", "model", "class_names", "preprocess", "temperature", 
                  "versions", "exporter", "created")
 PARITY_TOLERANCE = 1e-4  # max |delta p| allowed between PyTorch and the exported fp32 model
 TIE_TOLERANCE = 1e-6  # two classes this close in PyTorch are a tie: either top-1 counts as agreeing
-MIN_OPSET = 7  # the oldest opset torch.onnx writes
 DYNAMO_MIN_OPSET = 18  # below this the dynamo exporter has no implementations (it would convert down)
 MAX_OPSET = int(getattr(getattr(torch.onnx, "_constants", None), "ONNX_MAX_OPSET", 23))
+ONNX_MIN_TORCH = "2.5"  # the first torch whose torch.onnx.export has the dynamo= switch
 LEGACY_MAX_OPSET, LEGACY_DEFAULT_OPSET = 20, 17  # the TorchScript-based exporter's range ends at 20
 ONNX_SIZE_LIMIT = 2 * 1024**3  # protobuf limit: bigger models need external data files (not supported)
 CHUNK = 32  # images per forward pass in the parity check: bounds memory for any image count
@@ -153,6 +153,11 @@ def export_onnx(source: ExportSource, batch: Optional[int], opset: Optional[int]
     opsets below 18 (the dynamo one would export at 18 and convert down, often failing quietly)
     and when the dynamo one fails; an operator that neither can write is a UsageError naming it.
     """
+    if torch.__version__ < ONNX_MIN_TORCH:  # TorchVersion compares with version strings
+        raise UsageError(f"ONNX export needs torch {ONNX_MIN_TORCH} or newer (torch.onnx.export(dynamo=...)), this is "
+                         f"{torch.__version__}: upgrade torch or use --format torchscript")
+    if opset is not None and opset > MAX_OPSET:
+        raise UsageError(f"--opset {opset}: torch {torch.__version__} writes ONNX opsets up to {MAX_OPSET}")
     parameter_bytes = sum(p.numel() * p.element_size() for p in source.model.parameters())
     if parameter_bytes >= ONNX_SIZE_LIMIT:
         raise UsageError(f"{source.model_name} has {parameter_bytes / 1024**3:.1f} GB of weights; a single .onnx "

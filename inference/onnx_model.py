@@ -75,10 +75,9 @@ class OnnxModel:
             raise UsageError(f"{self.path} does not exist or is not a file")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: onnxruntime's optimiser notes are not for users
+        providers = providers_for(device)
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers_for(device))
-        except UsageError:
-            raise
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as error:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UsageError(f"{self.path} is not a readable ONNX model ({reason})") from None
@@ -127,6 +126,8 @@ class OnnxModel:
 
     def predict_arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """RGB uint8 (H, W, 3) arrays of any size -> float32 [N, C], resized by the stored rule."""
+        if not arrays:
+            return np.empty((0, len(self.class_names)), dtype=np.float32)
         batch = torch.stack([self.transform(torch.from_numpy(a).permute(2, 0, 1)) for a in arrays])
         return self.predict_uint8(batch.numpy())
 
