@@ -99,7 +99,7 @@ def _dataset_images(train_args: dict, class_names: Sequence[str],
         return None
     labels = [label for _, label in samples]
     if list(scan.class_names) != list(class_names):  # its label numbers would mean other classes
-        notes.append(f"{root} now has other classes than the checkpoint: its images are used without labels")
+        notes.append(f"{root} lists other classes than the checkpoint (names or order): its images are used unlabelled")
         labels = None
     return [path for path, _ in samples], labels, f"{root} ({split} split)"
 
