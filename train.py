@@ -45,7 +45,7 @@ from utils.checkpoint import (
     versions,
 )
 from utils.cli import run_cli
-from utils.data import ImageDataset, create_dataloader, default_workers, scan_dataset
+from utils.data import DatasetScan, ImageDataset, create_dataloader, default_workers, scan_dataset
 from utils.demo import DEMO_DIR, make_digits_dataset
 from utils.device import amp_dtype, default_channels_last, describe_device
 from utils.distributed import (
@@ -195,9 +195,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     """Train (see the module docstring); a new run that stops before its first epoch ends leaves
     no half-made run folder behind (utils.logger.discard_unfinished_run)."""
-    new_run_folders: list[Path] = []  # train() adds the run folder it creates (rank 0, new runs only)
+    new_run_folders: list[Path] = []  # run_training adds the run folder it creates (rank 0, new runs only)
     try:
-        return train(argv, new_run_folders)
+        return run_training(argv, new_run_folders)
     except BaseException as error:
         for run_dir in new_run_folders:
             note = discard_unfinished_run(run_dir, f"{type(error).__name__}: {error}",
@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise
 
 
-def train(argv: list[str] | None, new_run_folders: list[Path]) -> dict:
+def run_training(argv: list[str] | None, new_run_folders: list[Path]) -> dict:
+    """Everything from the flags to the final report; returns the final metrics per split."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.list_models:
@@ -395,6 +396,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def check_run_folder_writable(args: argparse.Namespace, resume: bool) -> None:
+    """A UsageError now when the run folder cannot be written to (a new run's --log_dir, a resumed run's folder)."""
     if resume:
         check_output_dir(Path(args.resume_training).parent, "--resume_training's run folder")
     else:
@@ -415,15 +417,16 @@ def use_demo_without_dataset(args: argparse.Namespace, main_process: bool) -> No
 
 
 def check_classes(args: argparse.Namespace, class_names: list[str]) -> None:
+    """Refuse, before any training, class lists no classifier can be trained or checked on."""
     if len(class_names) < 2:
         raise UsageError(f"the dataset {args.dataset_path} has only one class ({class_names[0]}): a classifier "
-                         "needs at least two class folders in train/; add another class")
+                         "needs at least two classes (class folders); add another class")
     if args.num_classes is not None and args.num_classes != len(class_names):
         raise UsageError(f"--num_classes {args.num_classes} disagrees with the dataset, which has "
                          f"{len(class_names)} classes ({', '.join(class_names[:10])}...); drop the flag or fix the data")
 
 
-def open_run_folder(args: argparse.Namespace, resume: bool, resume_notes: list[str], scan, main_process: bool,
+def open_run_folder(args: argparse.Namespace, resume: bool, resume_notes: list[str], scan: DatasetScan, main_process: bool,
                     new_run_folders: list[Path]) -> tuple[Path, logging.Logger]:
     """The run folder (a new one, or the resumed run's), its log, and the files that describe the run."""
     if resume:
@@ -523,6 +526,7 @@ def given_flags(argv: list[str] | None) -> dict:
 
 
 def format_flag(key: str, value: object) -> str:
+    """A flag and its value as a user would type them, for the resume notes."""
     if isinstance(value, bool):
         return f"--{key}" if value else f"--no-{key}"
     if isinstance(value, list):
