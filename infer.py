@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 # (seconds), so a typo fails at once. The functions below import what they need.
 from utils.cli import run_cli
 from utils.errors import UsageError
+from utils.files import check_output_dir
 from utils.inputs import ImageInputs, Labels, find_labels, resolve_inputs
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < smallest:
             raise UsageError(f"--{flag} must be at least {smallest}, got {value}")
+    check_output_dir(args.save_dir, "--save_dir")  # now, not after the model ran on every image
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -179,7 +181,7 @@ def write_outputs(results: Predictions, metrics: Optional[dict], inputs: ImageIn
     from utils.metrics import per_class_rows, plot_confusion_matrix, write_per_class_csv
     from utils.results import write_csv, write_json_report, write_misclassified, write_txt
 
-    run_dir = new_run_dir(args.save_dir, predictor.model_name, subdirs=())
+    run_dir = new_run_dir(args.save_dir, predictor.model_name, subdirs=(), flag="--save_dir")
     write_txt(results, run_dir / "predictions.txt")
     write_csv(results, run_dir / "predictions.csv", args.topk)
     run = {"checkpoint": args.weights, "model": predictor.model_name, "inputs": inputs.sources,

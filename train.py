@@ -11,6 +11,7 @@ Everything a run produces goes to logs/<YYYYmmdd-HHMMSS>_<model>/ (see README).
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import random
 import sys
@@ -36,6 +37,7 @@ from utils.checkpoint import (
     CHECKPOINT_FORMAT,
     capture_rng_state,
     load_checkpoint,
+    remove_stale_temp_files,
     restore_rng_state,
     save_checkpoint,
     timestamp,
@@ -43,7 +45,7 @@ from utils.checkpoint import (
     versions,
 )
 from utils.cli import run_cli
-from utils.data import ImageDataset, create_dataloader, default_workers, scan_dataset
+from utils.data import DatasetScan, ImageDataset, create_dataloader, default_workers, scan_dataset
 from utils.demo import DEMO_DIR, make_digits_dataset
 from utils.device import amp_dtype, default_channels_last, describe_device
 from utils.distributed import (
@@ -64,7 +66,16 @@ from utils.distributed import (
 )
 from utils.engine import NonFiniteLossError, StepSettings, evaluate, train_one_epoch
 from utils.errors import UsageError
-from utils.logger import History, TensorBoard, new_run_dir, newest_run_checkpoint, setup_logging, write_json
+from utils.files import check_output_dir
+from utils.logger import (
+    History,
+    TensorBoard,
+    discard_unfinished_run,
+    new_run_dir,
+    newest_run_checkpoint,
+    setup_logging,
+    write_json,
+)
 from utils.metrics import (
     format_metrics,
     format_per_class,
@@ -183,35 +194,43 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Train (see the module docstring); a new run that stops before its first epoch ends leaves
+    no half-made run folder behind (utils.logger.discard_unfinished_run)."""
+    new_run_folders: list[Path] = []  # run_training adds the run folder it creates (rank 0, new runs only)
+    try:
+        return run_training(argv, new_run_folders)
+    except BaseException as error:
+        for run_dir in new_run_folders:
+            note = discard_unfinished_run(run_dir, f"{type(error).__name__}: {error}",
+                                          interrupted=isinstance(error, KeyboardInterrupt))
+            if note:
+                print(note, file=sys.stderr)
+        raise
+
+
+def run_training(argv: list[str] | None, new_run_folders: list[Path]) -> dict:
+    """Everything from the flags to the final report; returns the final metrics per split."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.list_models:
         print(format_model_list())
         return {}
     check_args(args)
-    resume = resolve_resume(args, parser)
+    resume, resume_notes = resolve_resume(args, argv)
     seed_everything(args.seed, args.deterministic)
     device = init_distributed(args.device, args.dist_backend, args.dist_timeout, args.sync_bn)  # torchrun: join (left at exit)
     main_process = is_main_process()  # under torchrun only rank 0 writes files and prints
+    on_main_process(check_run_folder_writable, args, bool(resume))  # in seconds, not after the data scan
 
     # ---- data -------------------------------------------------------------------------------
-    if args.dataset_path is None:
-        if not args.quiet and main_process:
-            print(f"No --dataset_path: using the built-in demo, scikit-learn's handwritten digits in {DEMO_DIR}")
-        args.dataset_path = str(on_main_process(make_digits_dataset))
-        args.input_shape = args.input_shape or [32]
-        args.epochs = args.epochs or 10
-        args.hflip = 0.0  # a mirrored digit is another digit
-        args.crop_scale = max(args.crop_scale, 0.5)  # 32-pixel digits: small crops lose the digit
+    use_demo_without_dataset(args, main_process)
     args.epochs = args.epochs or 30
     scan = scan_dataset(args.dataset_path, args.val_ratio, args.test_ratio, args.seed)
     cache_dir = resolve_cache_dir(args.cache, args.cache_dir, args.log_dir, args.dataset_path)  # before any write
     class_names = scan.class_names
     check_same_on_all_ranks((class_names, {split: len(samples) for split, samples in scan.splits.items()}),
                             f"the dataset at {args.dataset_path}")
-    if args.num_classes is not None and args.num_classes != len(class_names):
-        raise UsageError(f"--num_classes {args.num_classes} disagrees with the dataset, which has "
-                         f"{len(class_names)} classes ({', '.join(class_names[:10])}...); drop the flag or fix the data")
+    check_classes(args, class_names)
     check_model_name(args.model)
     pretrained_state, pretrained_info = None, None
     if args.pretrained is not None and not resume:
@@ -228,13 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise UsageError(f"the classes in {args.dataset_path} differ from those of the checkpoint being resumed")
 
     # ---- run folder and logging -------------------------------------------------------------
-    run_dir = Path(args.resume_training).parent if resume else on_main_process(new_run_dir, args.log_dir, args.model)
-    log = setup_logging(run_dir if main_process else None, quiet=args.quiet or not main_process)
-    log.info(f"Run folder: {run_dir}")
-    log.info(scan.report())
-    if main_process:
-        (run_dir / "dataset_report.txt").write_text(scan.report() + "\n", encoding="utf-8")
-        write_json(vars(args), run_dir / "args.json")
+    run_dir, log = open_run_folder(args, bool(resume), resume_notes, scan, main_process, new_run_folders)
 
     workers = default_workers(len(scan.splits["train"])) if args.workers is None else args.workers
     generator = torch.Generator().manual_seed(args.seed)  # reseeded each epoch: exact resume
@@ -256,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         log.info(describe_model(model, args.model, preprocess, run_dir))
     head_names: list[str] = []  # what did not fit (the new head) stays trainable under --freeze_backbone
     for source, state in [] if resume else starting_weights(args, pretrained_state, pretrained_info):
-        report = load_matching_weights(model, state)
+        report = load_matching_weights(model, state, source, args.model)
         log.info(f"{source}: {format_load_report(report)}")
         head_names = head_parameter_names(model, report["reinitialised"])
     if args.freeze_backbone:
@@ -291,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     history_rows: list[dict] = []
     if resume:
         start_epoch, best, history_rows = restore_training_state(resume, model, optimizer, scheduler, scaler,
-                                                                 steps_per_epoch)
+                                                                 steps_per_epoch, args.epochs)
         log.info(f"Resumed from {args.resume_training} after epoch {start_epoch}")
     history = History(run_dir if main_process else None, history_rows)
     board = TensorBoard(run_dir) if args.tensorboard and main_process else None
@@ -315,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- the epoch loop ---------------------------------------------------------------------
     show_progress = sys.stderr.isatty() and not args.quiet and main_process
-    epoch = start_epoch
+    saved_epoch = start_epoch  # the epoch last.pth holds
     try:
         for epoch in range(start_epoch + 1, args.epochs + 1):
             begin_epoch(train_loader, args.seed, epoch)  # seeds shuffling/augmentation (per rank under torchrun)
@@ -328,10 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"epoch": epoch, "lr": train_stats["lr"], "train_loss": train_stats["loss"],
                    "train_acc": train_stats["acc"], "val_loss": val["loss"], "val_acc": val["top1"],
                    "val_f1": val["f1"], "epoch_time": train_stats["time"], "images_per_s": train_stats["images_per_s"]}
-            history.append(row)
-            history.plot(run_dir / "plots")
-            if board:
-                board.log(row, epoch)
+            history.append(row)  # in memory: last.pth carries it; history.csv gets it once last.pth is saved
             metrics = {k: v for k, v in val.items() if k != "confusion"}
             improved = best is None or is_better(metrics, best, args.best_metric)
             if improved:
@@ -342,15 +352,25 @@ def main(argv: list[str] | None = None) -> dict:
                 save_checkpoint(checkpoint(epoch, metrics, resumable=True), run_dir / "last.pth")
                 if args.freq and epoch % args.freq == 0:
                     save_checkpoint(checkpoint(epoch, metrics, resumable=False), run_dir / f"epoch_{epoch}.pth")
+            saved_epoch = epoch
+            history.write()
+            history.plot(run_dir / "plots")
+            if board:
+                board.log(row, epoch)
             log.info(f"epoch {epoch}/{args.epochs}  lr {train_stats['lr']:.2e}  train loss {train_stats['loss']:.4f} "
                      f"acc {train_stats['acc']:.2%}  |  val {format_metrics(metrics)}  |  "
                      f"{train_stats['time']:.1f}s {train_stats['images_per_s']:.0f} img/s{'  *best' if improved else ''}")
     except KeyboardInterrupt:
-        log.info(f"\nInterrupted during epoch {epoch}. {run_dir / 'last.pth'} holds epoch {epoch - 1}; continue with:\n"
+        log.info(f"\nInterrupted. {run_dir / 'last.pth'} holds epoch {saved_epoch}; continue with:\n"
                  f"  python train.py --resume_training {run_dir / 'last.pth'}")
         raise
     except NonFiniteLossError as error:
         raise UsageError(f"{error}: training diverged; try a lower --lr (now {args.lr}) or --grad_clip 1.0") from None
+    except ValueError as error:  # BatchNorm in training mode, on a batch of one image at a small input size
+        if "Expected more than 1 value per channel" not in str(error):
+            raise
+        raise UsageError(f"--batch_size {args.batch_size}: BatchNorm needs batches of 2 or more images at this "
+                         "input size; use a larger --batch_size") from None
     finally:
         if board:
             board.close()
@@ -376,6 +396,61 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--crop_scale must be in (0, 1], got {args.crop_scale}")
 
 
+def check_run_folder_writable(args: argparse.Namespace, resume: bool) -> None:
+    """A UsageError now when the run folder cannot be written to (a new run's --log_dir, a resumed run's folder)."""
+    if resume:
+        check_output_dir(Path(args.resume_training).parent, "--resume_training's run folder")
+    else:
+        check_output_dir(args.log_dir, "--log_dir")
+
+
+def use_demo_without_dataset(args: argparse.Namespace, main_process: bool) -> None:
+    """No --dataset_path: the built-in digits demo, with the settings that suit it."""
+    if args.dataset_path is not None:
+        return
+    if not args.quiet and main_process:
+        print(f"No --dataset_path: using the built-in demo, scikit-learn's handwritten digits in {DEMO_DIR}")
+    args.dataset_path = str(on_main_process(make_digits_dataset))
+    args.input_shape = args.input_shape or [32]
+    args.epochs = args.epochs or 10
+    args.hflip = 0.0  # a mirrored digit is another digit
+    args.crop_scale = max(args.crop_scale, 0.5)  # 32-pixel digits: small crops lose the digit
+
+
+def check_classes(args: argparse.Namespace, class_names: list[str]) -> None:
+    """Refuse, before any training, class lists no classifier can be trained or checked on."""
+    if len(class_names) < 2:
+        raise UsageError(f"the dataset {args.dataset_path} has only one class ({class_names[0]}): a classifier "
+                         "needs at least two classes (class folders); add another class")
+    if args.num_classes is not None and args.num_classes != len(class_names):
+        raise UsageError(f"--num_classes {args.num_classes} disagrees with the dataset, which has "
+                         f"{len(class_names)} classes ({', '.join(class_names[:10])}...); drop the flag or fix the data")
+
+
+def open_run_folder(args: argparse.Namespace, resume: bool, resume_notes: list[str], scan: DatasetScan, main_process: bool,
+                    new_run_folders: list[Path]) -> tuple[Path, logging.Logger]:
+    """The run folder (a new one, or the resumed run's), its log, and the files that describe the run."""
+    if resume:
+        run_dir = Path(args.resume_training).parent
+    else:
+        run_dir = on_main_process(new_run_dir, args.log_dir, args.model)
+        if main_process:
+            new_run_folders.append(run_dir)
+    log = setup_logging(run_dir if main_process else None, quiet=args.quiet or not main_process)
+    log.info(f"Run folder: {run_dir}")
+    stale = remove_stale_temp_files(run_dir) if resume and main_process else []
+    if stale:
+        log.info(f"Removed {len(stale)} temporary file(s) of a checkpoint save that was cut short: "
+                 + ", ".join(path.name for path in stale))
+    for note in resume_notes:
+        log.info(note)
+    log.info(scan.report())
+    if main_process:
+        (run_dir / "dataset_report.txt").write_text(scan.report() + "\n", encoding="utf-8")
+        write_json(vars(args), run_dir / "args.json")
+    return run_dir, log
+
+
 def make_preprocess(args: argparse.Namespace, pretrained_info: dict | None) -> Preprocess:
     """Input size and resize from the flags; with ImageNet weights, their own recipe where not given."""
     recipe = (pretrained_info or {}).get("recipe")
@@ -393,14 +468,21 @@ def starting_weights(args: argparse.Namespace, pretrained_state: dict | None,
     if pretrained_state is not None:
         found.append((pretrained_info["file"], pretrained_state))
     if args.weights:
-        found.append((args.weights, load_checkpoint(args.weights)["state_dict"]))
+        checkpoint = load_checkpoint(args.weights)
+        made_for = f" (a {checkpoint['model']} checkpoint)" if isinstance(checkpoint.get("model"), str) else ""
+        found.append((args.weights + made_for, checkpoint["state_dict"]))
     return found
 
 
-def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict | None:
-    """Load the checkpoint to resume from and take its settings (except RESUME_OVERRIDABLE flags)."""
+def resolve_resume(args: argparse.Namespace, argv: list[str] | None) -> tuple[dict | None, list[str]]:
+    """Load the checkpoint to resume from and take its settings; return it and lines for the log.
+
+    The flags given on the command line that a resumed run may change (RESUME_OVERRIDABLE, and
+    --epochs above the epochs already done) are applied; every other given flag is ignored, and
+    the lines say which, so the run continues exactly as it began.
+    """
     if not args.resume_training:
-        return None
+        return None, []
     if args.resume_training == "auto":
         found = newest_run_checkpoint(args.log_dir)
         if found is None:
@@ -410,19 +492,54 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     if "optimizer" not in checkpoint or "args" not in checkpoint:
         raise UsageError(f"{args.resume_training} is not resumable (only last.pth keeps the optimizer state); "
                          "use --weights to start a new run from it")
-    defaults = vars(parser.parse_args([]))
-    for key, value in checkpoint["args"].items():
-        if key in RESUME_OVERRIDABLE and getattr(args, key, None) != defaults.get(key):
+    given = given_flags(argv)
+    applied, ignored = [], []
+    for key, saved in checkpoint["args"].items():
+        if key == "resume_training":
             continue
-        setattr(args, key, value)
-    return checkpoint
+        if key in given and (key in RESUME_OVERRIDABLE or key == "epochs"):
+            applied.append(format_flag(key, given[key]))
+        elif key in given and given[key] != saved:
+            ignored.append(f"{format_flag(key, given[key])} (the run keeps {saved})")
+            setattr(args, key, saved)
+        elif key not in given:
+            setattr(args, key, saved)
+    notes = [f"Resume: applied {', '.join(applied)}"] if applied else []
+    if ignored:
+        notes.append(f"Resume: ignored {', '.join(ignored)}: a resumed run keeps its settings; to change "
+                     "them, start a new run from this one with --weights")
+    if "epochs" in given and given["epochs"] != checkpoint["args"].get("epochs"):
+        if given["epochs"] <= checkpoint["epoch"]:
+            raise UsageError(f"--epochs {given['epochs']}: {args.resume_training} has finished "
+                             f"{checkpoint['epoch']} epochs already; give more to continue it")
+        notes.append(f"Resume: the run now ends after epoch {args.epochs} (it was set for "
+                     f"{checkpoint['args'].get('epochs')}); the lr schedule is recomputed for {args.epochs} "
+                     "epochs and continues from the step the run has reached")
+    return checkpoint, notes
+
+
+def given_flags(argv: list[str] | None) -> dict:
+    """The flags actually on the command line (`argv`, or sys.argv), as {dest: value}; defaults left out."""
+    parser = get_args_parser()
+    for action in parser._actions:  # argparse has no public way to tell a given flag from a default
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def format_flag(key: str, value: object) -> str:
+    """A flag and its value as a user would type them, for the resume notes."""
+    if isinstance(value, bool):
+        return f"--{key}" if value else f"--no-{key}"
+    if isinstance(value, list):
+        return f"--{key} {' '.join(map(str, value))}"
+    return f"--{key} {value}"
 
 
 def restore_training_state(checkpoint: dict, model, optimizer, scheduler, scaler,
-                           steps_per_epoch: int) -> tuple[int, dict | None, list]:
+                           steps_per_epoch: int, epochs: int) -> tuple[int, dict | None, list]:
     model.load_state_dict(checkpoint["state_dict"])
     restore_schedule(optimizer, scheduler, checkpoint["optimizer"], checkpoint["scheduler"],
-                     checkpoint["epoch"] * steps_per_epoch)
+                     checkpoint["epoch"] * steps_per_epoch, new_length=epochs != checkpoint["args"].get("epochs"))
     if scaler and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
     restore_rng_state(checkpoint["rng"])

@@ -424,7 +424,8 @@ def _with_metadata(state_dict: Mapping, model: nn.Module) -> OrderedDict:
     return state
 
 
-def load_matching_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict:
+def load_matching_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "the weights",
+                          model_name: Optional[str] = None) -> dict:
     """Copy into `model` every tensor of `state_dict` whose name and shape fit; the rest stays as built.
 
     Goes through nn.Module.load_state_dict, so torchvision's per-module upgrades of old files (ViT
@@ -432,7 +433,9 @@ def load_matching_weights(model: nn.Module, state_dict: Mapping[str, torch.Tenso
     class count differs) are dropped just before their module loads.
     Returns {"loaded": model keys filled from the file, "reinitialised": model keys left as built,
     "unexpected": file keys not used (mismatched ones included), "mismatched": [[key, file shape,
-    model shape], ...]}. Raises WeightsError when nothing fits (weights of another model).
+    model shape], ...]}. "loaded" and "reinitialised" leave out integer buffers (BatchNorm's
+    num_batches_tracked): counters, not weights, whose names every model with BatchNorm shares.
+    Raises WeightsError, naming `source` and `model_name`, when no weight fits (another model's weights).
     """
     mismatched: list[list] = []
 
@@ -445,22 +448,26 @@ def load_matching_weights(model: nn.Module, state_dict: Mapping[str, torch.Tenso
                 mismatched.append([key, list(state[key].shape), list(tensor.shape)])
                 del state[key]
 
+    target = model_name or type(model).__name__
     handles = [_add_pre_hook(module, drop_misfits) for module in model.modules()]
     try:
         result = model.load_state_dict(_with_metadata(state_dict, model), strict=False)
     except (RuntimeError, ValueError) as error:
-        raise WeightsError(f"the weights do not load into {type(model).__name__}: "
+        raise WeightsError(f"{source} does not load into {target}: "
                            f"{str(error).strip().splitlines()[-1].strip()}") from None
     finally:
         for handle in handles:
             handle.remove()
     missing = set(result.missing_keys)
-    model_keys = list(model.state_dict())
-    loaded = [k for k in model_keys if k not in missing]
+    own = model.state_dict()
+    weights = [key for key, tensor in own.items() if tensor.is_floating_point() or tensor.is_complex()]
+    loaded = [k for k in weights if k not in missing]
     if not loaded:
-        raise WeightsError(f"none of the {len(state_dict)} tensors in the weights fit {type(model).__name__}: "
-                           "are they the weights of another model?")
-    return {"loaded": loaded, "reinitialised": [k for k in model_keys if k in missing],
+        counters = sum(1 for key in own if key not in missing and key not in weights)
+        shared = f" (only {counters} BatchNorm step counters share their names)" if counters else ""
+        raise WeightsError(f"none of the {len(state_dict)} tensors in {source} fit {target}{shared}: they are the "
+                           f"weights of another model; use the --model they were made for, or weights of a {target}")
+    return {"loaded": loaded, "reinitialised": [k for k in weights if k in missing],
             "unexpected": list(result.unexpected_keys) + [m[0] for m in mismatched], "mismatched": mismatched}
 
 

@@ -372,7 +372,7 @@ def test_fine_tune_keeps_backbone_and_renews_head(tmp_path):
     assert all(torch.equal(target.fc.state_dict()[k], v) for k, v in fresh_head.items())
     assert target.fc.weight.shape == (3, 512)
     text = format_load_report(report)
-    assert "loaded 120 of 122" in text and "fc.weight [5, 512] -> [3, 512]" in text
+    assert "loaded 100 of 102" in text  # BatchNorm counters not counted and "fc.weight [5, 512] -> [3, 512]" in text
 
 
 def test_module_upgrades_still_apply():
@@ -404,6 +404,13 @@ def test_mnasnet_loads_with_or_without_version_metadata(keep_metadata):
 def test_weights_of_another_model_are_refused():
     with pytest.raises(WeightsError, match="another model"):
         load_matching_weights(torchvision.models.squeezenet1_1(), {"nothing.weight": torch.ones(1)})
+
+
+def test_shared_batchnorm_counters_do_not_make_weights_fit():
+    """mobilenet_v3_small into resnet18: only the num_batches_tracked counters share names."""
+    state = torchvision.models.mobilenet_v3_small().state_dict()
+    with pytest.raises(WeightsError, match=r"in mobilenet\.pth fit resnet18 \(only \d+ BatchNorm step counters"):
+        load_matching_weights(torchvision.models.resnet18(), state, "mobilenet.pth", "resnet18")
 
 
 # --- freezing ----------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from conftest import REPO, make_class_tree, run_script, write_image
 from PIL import Image
 
@@ -235,6 +237,16 @@ def _bad_input(tmp_path: Path, case: str) -> tuple[list[str], str]:
     if case == "weights_not_a_checkpoint":
         (tmp_path / "w.pth").write_text("text")
         return ["--dataset_path", str(good), "--weights", str(tmp_path / "w.pth")], "w.pth"
+    if case == "one_class":
+        return ["--dataset_path", str(make_class_tree(tmp_path / "solo", {"cat": 3}, size=24))], "solo has only one class"
+    if case in ("weights_of_another_model", "checkpoint_of_another_model"):
+        state = torchvision.models.mobilenet_v3_small(num_classes=2).state_dict()
+        checkpoint = state if case == "weights_of_another_model" else {"model": "mobilenet_v3_small", "state_dict": state}
+        torch.save(checkpoint, tmp_path / "other.pth")
+        made_for = "" if case == "weights_of_another_model" else " (a mobilenet_v3_small checkpoint)"
+        return ["--dataset_path", str(good), "--weights", str(tmp_path / "other.pth")], f"other.pth{made_for} fit resnet18"
+    if case == "batch_of_one":  # BatchNorm cannot train on one image when the feature maps shrink to 1x1
+        return ["--dataset_path", str(good), "--batch_size", "1", "--input_shape", "32"], "--batch_size 1"
     if case == "weights_missing":
         return ["--dataset_path", str(good), "--weights", str(tmp_path / "none.pth")], "none.pth"
     if case == "resume_not_resumable":
@@ -248,13 +260,16 @@ def _bad_input(tmp_path: Path, case: str) -> tuple[list[str], str]:
 
 
 @pytest.mark.parametrize("case", [
-    "missing", "extra_val_class", "empty_class", "all_corrupt", "unknown_model", "num_classes", "input_too_small",
-    "weights_not_a_checkpoint", "weights_missing", "resume_not_resumable", "bad_number", "unknown_flag",
+    "missing", "extra_val_class", "empty_class", "all_corrupt", "one_class", "unknown_model", "num_classes",
+    "input_too_small", "weights_not_a_checkpoint", "weights_of_another_model", "checkpoint_of_another_model",
+    "weights_missing", "batch_of_one", "resume_not_resumable", "bad_number", "unknown_flag",
 ])
 def test_user_mistakes_get_one_clear_line(tmp_path, case):
     args, needle = _bad_input(tmp_path, case)
     result = run_script("train.py", *args, "--log_dir", str(tmp_path / "logs"), "--workers", "0", "--epochs", "1")
     _assert_clean_error(result, needle)
+    # nothing trained, so no run folder stays behind (the weights cases fail after it was made)
+    assert not [p for p in (tmp_path / "logs").glob("*") if p.is_dir()], list((tmp_path / "logs").rglob("*"))
 
 
 def test_grayscale_only_dataset_with_jpeg_extension_case(tmp_path):
@@ -266,3 +281,92 @@ def test_grayscale_only_dataset_with_jpeg_extension_case(tmp_path):
                         "--log_dir", str(tmp_path / "logs"))
     assert result.returncode == 0, result.stderr
     assert "dark" in (_only_run(tmp_path / "logs") / "dataset_report.txt").read_text()
+
+
+def test_an_epoch_ending_on_one_image_does_not_break_batchnorm(tmp_path):
+    """9 training images in batches of 4 at 32 px: a last batch of one image made BatchNorm raise
+    "Expected more than 1 value per channel" after the whole epoch. That image now sits the epoch out.
+    (--cache ram: the cached path; the loader is the same without a cache, see test_training_parts.)"""
+    root = make_class_tree(tmp_path / "ds", {"a": 5, "b": 4}, size=32)
+    result = run_script("train.py", "--dataset_path", str(root), "--model", "resnet18", "--input_shape", "32",
+                        "--batch_size", "4", "--workers", "0", "--epochs", "1", "--cache", "ram",
+                        "--log_dir", str(tmp_path / "logs"))
+    assert result.returncode == 0, result.stderr
+    assert "2 steps/epoch" in result.stdout  # 4 + 4; the ninth image is left out this epoch
+    run_dir = _only_run(tmp_path / "logs")
+    assert len(_history(run_dir)) == 1
+    # every file follows the umask, checkpoints included (they were 0600 while the rest was 0644)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in run_dir.iterdir() if path.is_file()}
+    assert len(set(modes.values())) == 1, modes
+
+
+def test_resume_reports_ignored_flags_and_may_extend_the_epochs(tmp_path):
+    root = make_class_tree(tmp_path / "ds", {"a": 12, "b": 12}, size=32)
+    first = run_script("train.py", "--dataset_path", str(root), *FAST, "--batch_size", "4", "--epochs", "2",
+                       "--log_dir", str(tmp_path / "logs"))
+    assert first.returncode == 0, first.stderr
+
+    resumed = run_script("train.py", "--resume", "auto", "--log_dir", str(tmp_path / "logs"), "--epochs", "4",
+                         "--lr", "5", "--batch_size", "3", "--workers", "0")
+    assert resumed.returncode == 0, resumed.stderr
+    applied = next(line for line in resumed.stdout.splitlines() if line.startswith("Resume: applied"))
+    ignored = next(line for line in resumed.stdout.splitlines() if line.startswith("Resume: ignored"))
+    assert "--epochs 4" in applied and "--workers 0" in applied and "--lr" not in applied
+    assert "--lr 5.0 (the run keeps 0.001)" in ignored and "--batch_size 3 (the run keeps 4)" in ignored
+    assert "--epochs" not in ignored and "--workers" not in ignored
+    rows = _history(_only_run(tmp_path / "logs"))
+    assert [row["epoch"] for row in rows] == ["1", "2", "3", "4"]
+    # from the step reached, the lr follows a cosine over 4 epochs (24 images / 4 = 6 steps each),
+    # as in a run set for 4 epochs from the start; the 2-epoch schedule had ended at 0
+    assert "6 steps/epoch" in resumed.stdout and float(rows[1]["lr"]) == 0
+    expected = [0.5e-3 * (1 + math.cos(math.pi * step / 24)) for step in (18, 24)]
+    assert [float(row["lr"]) for row in rows[2:]] == pytest.approx(expected, abs=1e-6)
+
+    shorter = run_script("train.py", "--resume", "auto", "--log_dir", str(tmp_path / "logs"), "--epochs", "3")
+    _assert_clean_error(shorter, "--epochs 3", "finished 4 epochs already")
+
+
+# Run train.py so that it is killed (SIGKILL) halfway through writing last.pth at the end of epoch 2:
+# after epoch 2's row exists and best.pth may be saved, the worst moment for history.csv and temp files.
+KILL_DURING_SAVE = """
+import io, os, runpy, signal, sys
+import torch
+
+real_save = torch.save
+
+def save_then_die(obj, file, *args, **kwargs):
+    if isinstance(obj, dict) and "optimizer" in obj and obj.get("epoch") == 2:
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        file.write(buffer.getvalue()[: buffer.tell() // 2])
+        file.flush()
+        os.fsync(file.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(obj, file, *args, **kwargs)
+
+torch.save = save_then_die
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_kill_during_a_checkpoint_save_leaves_history_behind_and_resume_cleans_up(tmp_path):
+    root = make_class_tree(tmp_path / "ds", {"a": 8, "b": 8}, size=32)
+    logs = tmp_path / "logs"
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, "--dataset_path", str(root), *FAST,
+                             "--epochs", "3", "--log_dir", str(logs)], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_dir = _only_run(logs)
+    (temp,) = run_dir.glob(".last.pth.*.tmp")  # the save that was cut short
+    assert torch.load(run_dir / "last.pth", weights_only=True)["epoch"] == 1
+    assert [row["epoch"] for row in _history(run_dir)] == ["1"]  # never ahead of last.pth
+    for name in ("notes.tmp", ".last.pth.mine.tmp"):  # not the saver's names: never deleted
+        (run_dir / name).write_text("keep me")
+
+    resumed = run_script("train.py", "--resume", "auto", "--log_dir", str(logs))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Removed 1 temporary file(s) of a checkpoint save that was cut short: {temp.name}" in resumed.stdout
+    assert [path.name for path in run_dir.glob(".last.pth.*.tmp")] == [".last.pth.mine.tmp"]
+    assert (run_dir / "notes.tmp").read_text() == (run_dir / ".last.pth.mine.tmp").read_text() == "keep me"
+    assert [row["epoch"] for row in _history(run_dir)] == ["1", "2", "3"]

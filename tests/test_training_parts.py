@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils.data import DistributedSampler
 
 from train import inverse_frequency_weights, is_better
 from utils.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     load_model_weights,
+    remove_stale_temp_files,
     restore_rng_state,
     save_checkpoint,
     strip_wrapper_prefixes,
 )
+from utils.data import create_dataloader
 from utils.errors import UsageError
+from utils.logger import discard_unfinished_run
 from utils.metrics import ClassificationMetrics, per_class_rows
 from utils.optim import create_optimizer, create_scheduler, parameter_groups
 
@@ -142,3 +148,72 @@ def test_class_weights_and_best_metric_rules():
     assert is_better({"top1": 0.9, "loss": 0.4}, best, "top1")  # tie -> lower loss wins
     assert not is_better({"top1": 0.9, "loss": 0.6}, best, "top1")
     assert is_better({"loss": 0.3}, {"loss": 0.5}, "loss")
+
+
+def test_checkpoints_follow_the_umask_like_every_other_file(tmp_path):
+    old = os.umask(0o027)
+    try:
+        save_checkpoint({"state_dict": nn.Linear(2, 2).state_dict()}, tmp_path / "last.pth")
+        (tmp_path / "args.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "last.pth").stat().st_mode & 0o777 == 0o640  # tempfile.mkstemp made it 0600
+    assert (tmp_path / "args.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_only_the_savers_own_temp_files_are_removed(tmp_path):
+    ours = [".last.pth.k3j_9xq2.tmp", ".best.pth.0a1b2c3d.tmp", ".epoch_4.pth.abcdefgh.tmp"]
+    others = [".last.pth.notes.tmp", "last.pth.0a1b2c3d.tmp", ".history.csv.0a1b2c3d.tmp", "x.tmp", "last.pth"]
+    for name in ours + others:
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(path.name for path in remove_stale_temp_files(tmp_path)) == sorted(ours)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(others)
+
+
+def _early_run_folder(root: Path) -> Path:
+    """What a new run has written when it fails before its first epoch ends."""
+    run_dir = root / "20300101-000000_resnet18"
+    (run_dir / "plots").mkdir(parents=True)
+    for name in ("args.json", "train.log", "dataset_report.txt", "model_summary.txt", "history.csv", "last.pth",
+                 ".last.pth.0a1b2c3d.tmp"):
+        (run_dir / name).write_text("x")
+    return run_dir
+
+
+def test_a_run_that_failed_before_its_first_epoch_is_removed(tmp_path):
+    run_dir = _early_run_folder(tmp_path)
+    assert "Removed the run folder" in discard_unfinished_run(run_dir, "UsageError: bad --weights")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["foreign_file", "foreign_folder"])
+def test_a_failed_run_folder_holding_other_files_is_only_marked(tmp_path, case):
+    run_dir = _early_run_folder(tmp_path)
+    foreign = run_dir / ("notes.txt" if case == "foreign_file" else "plots/mine/x.png")
+    foreign.parent.mkdir(exist_ok=True)
+    foreign.write_text("mine")
+    note = discard_unfinished_run(run_dir, "UsageError: bad --weights")
+    assert "is kept" in note and foreign.read_text() == "mine" and (run_dir / "train.log").exists()
+    assert "bad --weights" in (run_dir / "FAILED.txt").read_text()
+
+
+def test_runs_with_a_finished_epoch_or_resumable_after_ctrl_c_are_kept(tmp_path):
+    run_dir = _early_run_folder(tmp_path)
+    assert discard_unfinished_run(run_dir, "KeyboardInterrupt: ", interrupted=True) == ""
+    (run_dir / "best.pth").write_text("x")
+    assert discard_unfinished_run(run_dir, "RuntimeError: disk full") == ""
+    assert (run_dir / "last.pth").exists() and not (run_dir / "FAILED.txt").exists()
+
+
+@pytest.mark.parametrize("samples, world_size", [(9, 1), (17, 2), (18, 2), (27, 3)])
+def test_no_training_batch_of_one_image_for_any_process(samples, world_size):
+    """A process's share ending on one image (BatchNorm cannot train on it) leaves that image out;
+    under torchrun the share is the DistributedSampler's, padded to the same size on every rank."""
+    dataset = torch.utils.data.TensorDataset(torch.zeros(samples, 1), torch.zeros(samples))
+    for rank in range(world_size):
+        sampler = None if world_size == 1 else DistributedSampler(dataset, world_size, rank, seed=0)
+        loader = create_dataloader(dataset, 4, True, 0, torch.device("cpu"), torch.Generator(), sampler=sampler)
+        sizes = [len(targets) for _, targets in loader]
+        assert sizes == [4, 4] and len(loader) == 2, (rank, sizes)
+    evaluation = create_dataloader(dataset, 4, False, 0, torch.device("cpu"))  # eval mode: one image is fine
+    assert sum(len(targets) for _, targets in evaluation) == samples

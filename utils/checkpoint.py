@@ -21,7 +21,7 @@ import os
 import pickle
 import random
 import re
-import tempfile
+import secrets
 from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -37,22 +37,56 @@ from utils.errors import UsageError
 
 CHECKPOINT_FORMAT = "pytorch-classification/1"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+_TEMP_NAME = re.compile(r"^\.[^/\\]+\.pth\.[a-z0-9_]{8}\.tmp$")  # what save_checkpoint writes before its rename
 
 
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
-    """Write atomically: a temp file in the same folder, then rename, so a crash leaves the old file."""
+    """Write atomically: a temp file in the same folder, then rename, so a crash leaves the old file.
+
+    The file gets the permissions any new file gets (0666 less the umask), like the run's other files.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temp, handle = _create_temp_file(path)
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(checkpoint, file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temp_name, path)
+        os.replace(temp, path)
     except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
+
+
+def _create_temp_file(path: Path) -> tuple[Path, int]:
+    """A new, uniquely named ".<name>.<8 random hex>.tmp" beside `path`, opened for writing."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):  # 8 hex digits: a clash is one in four billion, so this never really loops
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return temp, os.open(temp, flags, 0o666)  # the OS takes the umask off 0o666, as for any new file
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
+
+
+def is_checkpoint_temp_file(path: str | os.PathLike) -> bool:
+    """True for a file named as save_checkpoint names its temp files."""
+    return bool(_TEMP_NAME.match(Path(path).name)) and Path(path).is_file()
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that saves cut short by a kill left in `folder`; return them.
+
+    Only files named as save_checkpoint names them (also as earlier versions did with tempfile.mkstemp:
+    8 random letters, digits or _) for a .pth file. Call it only for a folder no other process is
+    saving into, such as the run folder of a run being resumed.
+    """
+    stale = [entry for entry in Path(folder).iterdir() if is_checkpoint_temp_file(entry)]
+    for entry in stale:
+        entry.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -315,10 +315,17 @@ def create_dataloader(
     Workers stay alive between epochs (`persistent`, default: whenever there are workers) except
     under `torch.use_deterministic_algorithms` (train.py --deterministic): persistent workers seed
     their random augmentation once, not from the generator train.py reseeds each epoch, so a
-    resumed run would see other augmentations than an unbroken one.
+    resumed run would see other augmentations than an unbroken one. A training loader never ends
+    an epoch on a batch of one image (below).
     """
     if persistent is None:
         persistent = not torch.are_deterministic_algorithms_enabled()
+    # A training batch of one image breaks BatchNorm at small input sizes ("Expected more than 1
+    # value per channel"). An epoch that would end with one (this process's share under torchrun)
+    # leaves that image out instead; shuffling leaves out another one each epoch.
+    share = len(sampler) if sampler is not None else len(dataset)
+    if train and share < 2:
+        raise UsageError(f"training needs at least 2 images per process, this one has {share}; add images")
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -326,7 +333,7 @@ def create_dataloader(
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        drop_last=False,
+        drop_last=train and share > batch_size and share % batch_size == 1,
         generator=generator,
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=persistent and workers > 0,

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 from natsort import natsorted
+
+from utils.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 VAL_SPLIT_NAMES = ("val", "valid", "validation")  # accepted names of the validation folder
@@ -55,3 +58,32 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_output_dir(folder: str | os.PathLike, flag: str) -> None:
+    """Refuse, in one line naming `flag` and the path, an output folder that cannot be made or written to.
+
+    Catches, before any work is done: a link to a place that does not exist (a drive not mounted),
+    a path that is or runs through a file, and a read-only or permission-denied folder. Creates nothing.
+    """
+    path = Path(folder)
+    nearest = path  # the path itself, or the nearest part of it that exists
+
+    def subject() -> str:
+        return f"{flag} {folder}" if nearest == path else f"{flag} {folder}: {nearest}"
+
+    try:
+        while not nearest.exists():
+            if nearest.is_symlink():
+                raise UsageError(f"{subject()} is a link to {os.readlink(nearest)}, which does not exist "
+                                 "(a drive that is not mounted?); fix the link or choose another folder")
+            if nearest.parent == nearest:
+                break
+            nearest = nearest.parent
+    except OSError as error:
+        raise UsageError(f"{flag} {folder}: cannot reach {nearest}: {error.strerror or error}") from None
+    if not nearest.is_dir():
+        raise UsageError(f"{subject()} is a file, not a folder; choose a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UsageError(f"{subject()} is not writable (read-only or permission denied); "
+                         "choose a folder you can write to")

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fnmatch
 import json
 import logging
 import os
@@ -20,32 +22,82 @@ from typing import Optional
 
 from matplotlib.figure import Figure
 
+from utils.errors import UsageError
+from utils.files import check_output_dir
+
 HISTORY_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "epoch_time", "images_per_s",
 ]
 
 
-def new_run_dir(log_dir: str | os.PathLike, model_name: str, subdirs: Sequence[str] = ("plots",)) -> Path:
+MAX_RUNS_PER_SECOND = 1000  # name suffixes new_run_dir tries before it gives up (a bounded loop)
+
+
+def new_run_dir(log_dir: str | os.PathLike, model_name: str, subdirs: Sequence[str] = ("plots",),
+                flag: str = "--log_dir") -> Path:
     """A fresh logs/<timestamp>_<model>/ folder (a suffix keeps two runs in one second apart)
-    with `subdirs` inside; an existing folder is never reused, so no earlier run is overwritten."""
+    with `subdirs` inside; an existing folder is never reused, so no earlier run is overwritten.
+    A `log_dir` that cannot be created or written to is a UsageError naming `flag`."""
+    check_output_dir(log_dir, flag)
     base = Path(log_dir) / f"{datetime.now():%Y%m%d-%H%M%S}_{model_name}"
-    run_dir, n = base, 1
-    while True:
-        try:
-            run_dir.mkdir(parents=True)  # atomic claim: two processes cannot both get one name
-            break
-        except FileExistsError:
-            n += 1
-            run_dir = base.with_name(f"{base.name}_{n}")
-    for name in subdirs:
-        (run_dir / name).mkdir()
-    return run_dir
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for number in range(1, MAX_RUNS_PER_SECOND + 1):
+            run_dir = base if number == 1 else base.with_name(f"{base.name}_{number}")
+            try:
+                run_dir.mkdir()  # atomic claim: two processes cannot both get one name
+            except FileExistsError:
+                continue
+            for name in subdirs:
+                (run_dir / name).mkdir()
+            return run_dir
+    except OSError as error:
+        raise UsageError(f"{flag} {log_dir}: cannot create a run folder there: {error.strerror or error}") from None
+    raise UsageError(f"{flag} {log_dir}: {base.name} and {MAX_RUNS_PER_SECOND - 1} numbered variants "
+                     "exist already; clean up the folder or choose another one")
 
 
 def newest_run_checkpoint(log_dir: str | os.PathLike) -> Optional[Path]:
     """The last.pth of the most recently modified run under `log_dir` (for --resume auto)."""
     candidates = list(Path(log_dir).glob("*/last.pth"))
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+# What a new run writes before its first epoch ends (relative paths, fnmatch patterns; checkpoint temp
+# files are recognised by utils.checkpoint): all that discard_unfinished_run may delete.
+_EARLY_RUN_FILES = ("args.json", "train.log", "dataset_report.txt", "model_summary.txt", "history.csv",
+                    "history.csv.tmp", "last.pth", "plots", "plots/*.png", "tensorboard", "tensorboard/events.out.tfevents.*")
+
+
+def discard_unfinished_run(run_dir: Path, reason: str, interrupted: bool = False) -> str:
+    """Remove the folder of a new run that stopped before its first epoch ended; return a line saying what was done.
+
+    Such a folder holds no trained model, only the files the run wrote while starting. It is kept when
+    an epoch finished (best.pth), or when Ctrl-C stopped it with a resumable last.pth (the message
+    printed on Ctrl-C says how to resume). A folder that also holds anything else is left as it is,
+    marked with FAILED.txt giving `reason`: nothing the run did not write is ever deleted.
+    """
+    if (run_dir / "best.pth").exists() or (interrupted and (run_dir / "last.pth").exists()):
+        return ""
+    close_log_files()  # train.log must be closed before it can be deleted (Windows)
+    entries = sorted(run_dir.rglob("*"), key=lambda entry: len(entry.parts), reverse=True)  # contents first
+    ours = [entry for entry in entries if _written_early(entry, run_dir)]
+    try:
+        if len(ours) == len(entries):
+            for entry in ours:
+                if entry.is_dir() and not entry.is_symlink():
+                    entry.rmdir()
+                else:
+                    entry.unlink()
+            run_dir.rmdir()
+            return f"Removed the run folder {run_dir}: the run stopped before its first epoch ended"
+        why_kept = "it holds files the run did not write"
+    except OSError as error:
+        why_kept = f"it could not be removed: {error.strerror or error}"
+    with contextlib.suppress(OSError):
+        (run_dir / "FAILED.txt").write_text(f"This run stopped before its first epoch ended: {reason}\n",
+                                            encoding="utf-8")
+    return f"The run stopped before its first epoch ended; {run_dir} is kept ({why_kept}), marked by FAILED.txt"
 
 
 def setup_logging(run_dir: Optional[Path], quiet: bool = False) -> logging.Logger:
@@ -67,6 +119,23 @@ def setup_logging(run_dir: Optional[Path], quiet: bool = False) -> logging.Logge
     return logger
 
 
+def _written_early(entry: Path, run_dir: Path) -> bool:
+    from utils.checkpoint import is_checkpoint_temp_file  # torch: only needed here
+
+    relative = entry.relative_to(run_dir).as_posix()
+    return ((entry.parent == run_dir and is_checkpoint_temp_file(entry))
+            or any(fnmatch.fnmatchcase(relative, pattern) for pattern in _EARLY_RUN_FILES))
+
+
+def close_log_files() -> None:
+    """Close train.log (setup_logging's file); console output goes on."""
+    logger = logging.getLogger("pytorch_classification")
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.FileHandler):
+            logger.removeHandler(handler)
+            handler.close()
+
+
 def write_json(data: dict, path: str | os.PathLike) -> None:
     with open(path, "w", encoding="utf-8") as file:
         json.dump(data, file, indent=2, ensure_ascii=False, default=str)
@@ -76,23 +145,24 @@ class History:
     """history.csv, one row per finished epoch.
 
     The rows also travel inside last.pth, and a resumed run starts from the checkpoint's rows:
-    after a kill at any moment the file holds exactly the epochs the checkpoint has finished,
-    no duplicate and no gap. The file is rewritten whole (it is small) and atomically.
-    With run_dir None the rows stay in memory and nothing is written or plotted (the ranks
-    other than 0 under torchrun).
+    `append` only adds a row in memory (the checkpoint saved next carries it), and `write`, called
+    once that checkpoint is saved, puts it in the file. So after a kill at any moment the file
+    never holds an epoch that last.pth has not finished, and after a resume no duplicate or gap.
+    The file is rewritten whole (it is small) and atomically. With run_dir None the rows stay in
+    memory and nothing is written or plotted (the ranks other than 0 under torchrun).
     """
 
     def __init__(self, run_dir: Optional[Path], rows: Optional[list[dict]] = None):
         self.path = run_dir / "history.csv" if run_dir is not None else None
         self.rows: list[dict] = list(rows or [])
-        self._write()
+        self.write()
 
     def append(self, row: dict) -> None:
+        """Add (or replace) an epoch's row in memory; `write` puts it in history.csv."""
         row = {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
         self.rows = [r for r in self.rows if int(r["epoch"]) != int(row["epoch"])] + [row]
-        self._write()
 
-    def _write(self) -> None:
+    def write(self) -> None:
         if self.path is None:
             return
         temp = self.path.with_suffix(".csv.tmp")
@@ -134,8 +204,6 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            from utils.errors import UsageError
-
             raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 

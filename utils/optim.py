@@ -101,18 +101,19 @@ def create_scheduler(
 
 
 def restore_schedule(optimizer: torch.optim.Optimizer, scheduler: LRScheduler, optimizer_state: dict,
-                     scheduler_state: dict, steps_done: int) -> bool:
+                     scheduler_state: dict, steps_done: int, new_length: bool = False) -> bool:
     """Continue a run's optimizer and lr schedule after `steps_done` optimizer steps.
 
     Normally both states load as saved. When the saved schedule no longer fits (the run
     resumes with another number of torchrun processes or another batch size, so an epoch
-    has another number of steps; or --lr_scale gives another lr), the optimizer's state
-    (momenta) is kept and the fresh `scheduler` is replayed up to `steps_done`, so the lr
-    continues from the same point of the run. Returns True when it replayed.
+    has another number of steps; or --lr_scale gives another lr; or, `new_length`, another
+    --epochs, so the schedule has another length), the optimizer's state (momenta) is kept
+    and the fresh `scheduler` is replayed up to `steps_done`, so the lr continues from the
+    same point of the run, on the schedule it now has. Returns True when it replayed.
     """
     saved_base = [group.get("initial_lr") for group in optimizer_state["param_groups"]]
     fresh_base = [group.get("initial_lr") for group in optimizer.param_groups]
-    if scheduler_state.get("last_epoch") == steps_done and saved_base == fresh_base:
+    if not new_length and scheduler_state.get("last_epoch") == steps_done and saved_base == fresh_base:
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(scheduler_state)
         return False
