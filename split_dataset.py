@@ -20,6 +20,7 @@ from typing import Optional
 
 from utils.cli import run_cli
 from utils.errors import UsageError
+from utils.files import check_output_dir
 from utils.split import (
     MIN_CLASS_SIZE,
     SplitPlan,
@@ -33,7 +34,6 @@ from utils.split_files import (
     check_destination,
     check_locations,
     check_mode,
-    check_writable,
     finish_split,
     hash_files,
     one_line_list,
@@ -98,7 +98,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_ratios(args.val_ratio, args.test_ratio)
     check_locations(args.src, args.dst)
     check_mode(args.mode, args.src, args.dst)
-    check_writable(args.dst)
+    check_output_dir(args.dst, "--dst")
 
 
 def report(scan: SourceScan, plan: SplitPlan) -> str:

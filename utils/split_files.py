@@ -162,19 +162,6 @@ def check_locations(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         raise UsageError(f"--dst {dst} exists and is not a folder")
 
 
-def check_writable(dst: str | os.PathLike) -> None:
-    """Refuse, before any scanning or hashing, a --dst this process cannot write to."""
-    folder = Path(os.path.abspath(dst))
-    while not folder.exists() and folder != folder.parent:  # --dst may not exist yet: its parent decides
-        folder = folder.parent
-    if not os.access(folder, os.W_OK | os.X_OK):
-        where = "" if folder == Path(os.path.abspath(dst)) else f" (it would be created in {folder})"
-        raise UsageError(
-            f"--dst {dst} is not writable{where}: no write permission or a read-only filesystem; "
-            "pick a folder you can write to"
-        )
-
-
 def _holds_files(dst: Path) -> bool:
     # a run killed while writing its records leaves only their .partial: nothing of the user's
     ours = {CSV_NAME + PARTIAL, JOURNAL_NAME + PARTIAL}
