@@ -21,14 +21,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.pretrained import (
-    DEFAULT_WEIGHTS_DIR,
-    MIRROR_ENV,
+from models.finetune import (
     format_load_report,
     head_parameter_names,
     load_matching_weights,
-    resolve_pretrained,
     set_backbone_trainable,
+    train_mode,
+)
+from models.pretrained import (
+    DEFAULT_WEIGHTS_DIR,
+    MIRROR_ENV,
+    resolve_pretrained,
     weights_build_kwargs,
 )
 from models.registry import check_input_size, check_model_name, create_model, format_model_list
@@ -294,7 +297,7 @@ def run_training(argv: list[str] | None, new_run_folders: list[Path]) -> dict:
                                  args.warmup_epochs, args.step_size, args.milestones, args.gamma)
     dtype = amp_dtype(device, args.amp)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    settings = StepSettings(device, preprocess, dtype, args.channels_last)
+    settings = StepSettings(device, preprocess, dtype, args.channels_last, train_mode=train_mode)
     log.info(f"Device: {describe_device(device)}; precision: {dtype or torch.float32}; workers: {workers}; "
              f"layout: {'channels_last' if args.channels_last else 'NCHW'}; "
              f"batch {args.batch_size} x accum {args.accum_steps}; {steps_per_epoch} steps/epoch")

@@ -1,4 +1,4 @@
-"""ImageNet weights for the torchvision models: find, download, verify, cache, load for fine-tuning.
+"""ImageNet weights for the torchvision models: find, download, verify, cache, read.
 
     python -m models.pretrained --list                  # which models have weights, which are here
     python -m models.pretrained resnet50 mobilenet_v2   # download into models/download_pth/
@@ -13,8 +13,8 @@ torch's own cache (`$TORCH_HOME/hub/checkpoints`), is used without any network. 
 (--weights_mirror URL or $TORCH_CLS_WEIGHTS_MIRROR) replaces scheme and host of the official URL
 and keeps its path.
 
-train.py uses: resolve_pretrained, load_matching_weights, format_load_report, weights_recipe,
-weights_build_kwargs, head_parameter_names, set_backbone_trainable, set_frozen_norm_eval.
+train.py uses resolve_pretrained and weights_build_kwargs; fitting the weights into a model,
+finding its head and freezing the backbone are models/finetune.py.
 """
 
 from __future__ import annotations
@@ -29,15 +29,13 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Optional, Union
 from urllib.parse import urlsplit
 
 import torch
-import torch.nn as nn
 import torchvision
 from tqdm import tqdm
 
@@ -45,6 +43,7 @@ from models.registry import MODEL_CLASSES, check_model_name
 from utils.checkpoint import load_checkpoint
 from utils.cli import run_cli
 from utils.errors import UsageError
+from utils.files import file_digest
 
 PathLike = Union[str, os.PathLike]
 
@@ -54,7 +53,6 @@ TIMEOUT_S = 30.0  # per connect and per read: a dead mirror fails in seconds ins
 _CHUNK = 1 << 20
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{6,64})\.\w+$")
 _DEFAULT_NAMES = ("", "DEFAULT", "IMAGENET")
-_HEAD_NAMES = ("fc", "classifier", "heads", "head")  # torchvision's names for the classifier module
 # Old DenseNet files name layers "norm.1"; torchvision renames them in its builder, not in the model.
 _DENSENET_OLD_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
@@ -171,16 +169,6 @@ def weights_entry(model_name: str, weights: Optional[str] = None) -> WeightsEntr
     )
 
 
-def weights_recipe(model_name: str, weights: Optional[str] = None) -> dict:
-    """The preprocessing the weights were trained with, for the checkpoint's preprocess record.
-
-    {"weights": enum name, "input_size": [H, W] (centre crop), "resize_size": shorter side before
-    the crop, "crop_pct": input / resize (0.875 for 224 of 256), "mean": [...], "std": [...],
-    "interpolation": "bilinear" | "bicubic"}
-    """
-    return weights_entry(model_name, weights).recipe
-
-
 def weights_build_kwargs(model_name: str) -> dict:
     """Extra builder arguments torchvision itself uses with these weights ({} for most models)."""
     return dict(_BUILD_KWARGS.get(model_name, {}))
@@ -218,11 +206,7 @@ def local_weights_path(file_name: str, weights_dir: PathLike = DEFAULT_WEIGHTS_D
 
 
 def sha256_file(path: PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 # --- download --------------------------------------------------------------------------------------
@@ -389,7 +373,7 @@ def resolve_pretrained(name_or_path: Optional[str], model_name: str,
     variant name such as "IMAGENET1K_V1", or a path to a .pth file (state_dict or checkpoint).
     mirror: base URL; None falls back to $TORCH_CLS_WEIGHTS_MIRROR.
     info (JSON-friendly, for the checkpoint): {"source": "torchvision" | "file", "weights": enum name
-    or None, "file": local path, "url": official URL or None, "sha256": hex, "recipe": weights_recipe
+    or None, "file": local path, "url": official URL or None, "sha256": hex, "recipe": the weights'
     or None for a user file}.
     """
     spec = (name_or_path or "").strip()
@@ -405,158 +389,6 @@ def resolve_pretrained(name_or_path: Optional[str], model_name: str,
     info = {"source": "torchvision", "weights": entry.weights, "file": str(local), "url": entry.url,
             "sha256": digest, "recipe": entry.recipe}
     return load_state_dict_file(local), info
-
-
-# --- loading into a model --------------------------------------------------------------------------
-
-
-def _add_pre_hook(module: nn.Module, hook):
-    if hasattr(module, "register_load_state_dict_pre_hook"):  # public from torch 2.5
-        return module.register_load_state_dict_pre_hook(hook)
-    return module._register_load_state_dict_pre_hook(hook, with_module=True)
-
-
-def _with_metadata(state_dict: Mapping, model: nn.Module) -> OrderedDict:
-    state = OrderedDict(state_dict)
-    metadata = getattr(state_dict, "_metadata", None)
-    # Without versions some modules refuse to load (MNASNet); assume the file matches this code.
-    state._metadata = metadata if metadata is not None else getattr(model.state_dict(), "_metadata", {})
-    return state
-
-
-def load_matching_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "the weights",
-                          model_name: Optional[str] = None) -> dict:
-    """Copy into `model` every tensor of `state_dict` whose name and shape fit; the rest stays as built.
-
-    Goes through nn.Module.load_state_dict, so torchvision's per-module upgrades of old files (ViT
-    MLP names, MNASNet v1 stems) still apply; tensors of another shape (the classifier head when the
-    class count differs) are dropped just before their module loads.
-    Returns {"loaded": model keys filled from the file, "reinitialised": model keys left as built,
-    "unexpected": file keys not used (mismatched ones included), "mismatched": [[key, file shape,
-    model shape], ...]}. "loaded" and "reinitialised" leave out integer buffers (BatchNorm's
-    num_batches_tracked): counters, not weights, whose names every model with BatchNorm shares.
-    Raises WeightsError, naming `source` and `model_name`, when no weight fits (another model's weights).
-    """
-    mismatched: list[list] = []
-
-    def drop_misfits(module, state, prefix, *_):
-        for name, tensor in chain(module._parameters.items(), module._buffers.items()):
-            key = prefix + name
-            if tensor is None or key not in state or nn.parameter.is_lazy(tensor):
-                continue
-            if state[key].shape != tensor.shape:
-                mismatched.append([key, list(state[key].shape), list(tensor.shape)])
-                del state[key]
-
-    target = model_name or type(model).__name__
-    handles = [_add_pre_hook(module, drop_misfits) for module in model.modules()]
-    try:
-        result = model.load_state_dict(_with_metadata(state_dict, model), strict=False)
-    except (RuntimeError, ValueError) as error:
-        raise WeightsError(f"{source} does not load into {target}: "
-                           f"{str(error).strip().splitlines()[-1].strip()}") from None
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = set(result.missing_keys)
-    own = model.state_dict()
-    weights = [key for key, tensor in own.items() if tensor.is_floating_point() or tensor.is_complex()]
-    loaded = [k for k in weights if k not in missing]
-    if not loaded:
-        counters = sum(1 for key in own if key not in missing and key not in weights)
-        shared = f" (only {counters} BatchNorm step counters share their names)" if counters else ""
-        raise WeightsError(f"none of the {len(state_dict)} tensors in {source} fit {target}{shared}: they are the "
-                           f"weights of another model; use the --model they were made for, or weights of a {target}")
-    return {"loaded": loaded, "reinitialised": [k for k in weights if k in missing],
-            "unexpected": list(result.unexpected_keys) + [m[0] for m in mismatched], "mismatched": mismatched}
-
-
-def _some(names: Sequence[str], limit: int) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
-def format_load_report(report: Mapping, limit: int = 6) -> str:
-    """A few console lines: how much was loaded, what was re-initialised and why, what was unused."""
-    loaded, reinit = report["loaded"], report["reinitialised"]
-    lines = [f"pretrained: loaded {len(loaded)} of {len(loaded) + len(reinit)} tensors of the model"]
-    if reinit:
-        lines.append(f"  re-initialised {len(reinit)}: {_some(reinit, limit)}")
-    mismatched = report.get("mismatched", [])
-    if mismatched:
-        shapes = [f"{key} {file} -> {model}" for key, file, model in mismatched]
-        lines.append(f"  shape differs (file -> model): {_some(shapes, limit)}")
-    mismatched_keys = {m[0] for m in mismatched}
-    unused = [k for k in report["unexpected"] if k not in mismatched_keys]
-    if unused:
-        lines.append(f"  not in the model, unused: {len(unused)}: {_some(unused, limit)}")
-    return "\n".join(lines)
-
-
-# --- freezing the backbone -------------------------------------------------------------------------
-
-
-def _classifier_layer(model: nn.Module) -> Optional[str]:
-    """Name of the last layer with parameters inside the model's fc/classifier/heads/head module."""
-    found = [(name.count("."), _HEAD_NAMES.index(name.rsplit(".", 1)[-1]), name, module)
-             for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in _HEAD_NAMES]
-    if not found:
-        return None
-    _, _, head_name, head = min(found, key=lambda item: item[:2])  # the outermost wins (ViT: heads)
-    layers = [sub for sub, module in head.named_modules() if next(module.parameters(recurse=False), None) is not None]
-    if not layers:
-        return None
-    return f"{head_name}.{layers[-1]}" if layers[-1] else head_name
-
-
-def head_parameter_names(model: nn.Module, reinitialised: Iterable[str] = ()) -> list[str]:
-    """Parameter names of the classifier head, the part --freeze_backbone leaves trainable.
-
-    The head is the last layer of torchvision's fc / classifier / heads / head module (so VGG's
-    hidden classifier layers count as backbone), plus every parameter left re-initialised by
-    load_matching_weights (what did not fit, e.g. Inception's auxiliary classifiers).
-    """
-    params = dict(model.named_parameters())
-    names = {key for key in reinitialised if key in params}
-    layer = _classifier_layer(model)
-    if layer is not None:
-        names.update(key for key in params if key.startswith(layer + "."))
-    if not names:
-        raise WeightsError(f"cannot tell the classifier head of {type(model).__name__} (no fc, classifier, "
-                           "heads or head module), so --freeze_backbone cannot be used with it")
-    return sorted(names)
-
-
-def set_backbone_trainable(model: nn.Module, trainable: bool, head_names: Iterable[str]) -> tuple[int, int]:
-    """Set requires_grad of every parameter outside `head_names` (the head always trains).
-
-    Returns (trainable, total) parameter counts for the console. Build the optimiser over all
-    parameters: frozen ones get no gradient and are skipped, and --unfreeze_epoch needs no rebuild.
-    """
-    head = set(head_names)
-    params = dict(model.named_parameters())
-    unknown = head - params.keys()
-    if unknown:
-        raise ValueError(f"not parameters of the model: {sorted(unknown)[:3]}")
-    for name, param in params.items():
-        param.requires_grad_(trainable or name in head)
-    return (sum(p.numel() for p in params.values() if p.requires_grad),
-            sum(p.numel() for p in params.values()))
-
-
-def set_frozen_norm_eval(model: nn.Module) -> int:
-    """Put every BatchNorm whose parameters are all frozen in eval mode; return how many.
-
-    requires_grad=False stops the optimiser, not BatchNorm's running statistics, which keep drifting
-    towards the new data in train mode; a linear probe wants fixed features. Call after model.train().
-    """
-    count = 0
-    for module in model.modules():
-        params = list(module.parameters(recurse=False))
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
-            module.eval()
-            count += 1
-    return count
 
 
 # --- command line ----------------------------------------------------------------------------------

@@ -19,20 +19,22 @@ import torch
 import torchvision
 
 from models import pretrained
+from models.finetune import (
+    format_load_report,
+    head_parameter_names,
+    load_matching_weights,
+    set_backbone_trainable,
+    set_frozen_norm_eval,
+)
 from models.pretrained import (
     MIRROR_ENV,
     WeightsEntry,
     WeightsError,
     download_file,
     fetch_weights,
-    format_load_report,
-    head_parameter_names,
-    load_matching_weights,
     mirror_from_env,
     mirror_url,
     resolve_pretrained,
-    set_backbone_trainable,
-    set_frozen_norm_eval,
     weights_entry,
 )
 from utils.cli import run_cli

@@ -7,13 +7,12 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from models.pretrained import set_frozen_norm_eval
 from utils.distributed import broadcast_buffers, gradient_sync, sum_over_ranks
 from utils.metrics import ClassificationMetrics
 from utils.transforms import Preprocess, normalize_batch
@@ -33,6 +32,9 @@ class StepSettings:
     preprocess: Preprocess
     amp_dtype: Optional[torch.dtype] = None  # None: full fp32
     channels_last: bool = False
+    # How train_one_epoch puts the model in training mode; train.py passes models.finetune.train_mode,
+    # which keeps BatchNorms frozen by --freeze_backbone in eval mode (their statistics stay fixed).
+    train_mode: Callable[[nn.Module], object] = nn.Module.train
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -81,8 +83,7 @@ def train_one_epoch(
     Returns {"loss", "acc", "images", "time", "images_per_s", "lr"} (loss and accuracy are
     running means over the epoch's training batches, of all ranks under torchrun).
     """
-    model.train()
-    set_frozen_norm_eval(model)  # --freeze_backbone: frozen BatchNorms keep their statistics too
+    settings.train_mode(model)
     loss_sum = torch.zeros((), device=settings.device)
     correct = torch.zeros((), device=settings.device, dtype=torch.long)
     seen = 0
