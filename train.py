@@ -11,15 +11,19 @@ Everything a run produces goes to logs/<YYYYmmdd-HHMMSS>_<model>/ (see README).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import random
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 
 from models.finetune import (
     format_load_report,
@@ -37,19 +41,17 @@ from models.pretrained import (
 from models.registry import check_input_size, check_model_name, create_model, format_model_list
 from utils.cache import CACHE_MODES, cache_datasets, resolve_cache_dir
 from utils.checkpoint import (
-    CHECKPOINT_FORMAT,
+    BEST_METRICS,
+    CheckpointSaver,
     capture_rng_state,
     load_checkpoint,
     remove_stale_temp_files,
     restore_rng_state,
-    save_checkpoint,
-    timestamp,
     unwrap_model,
-    versions,
 )
 from utils.cli import run_cli
 from utils.data import DatasetScan, ImageDataset, create_dataloader, default_workers, scan_dataset
-from utils.demo import DEMO_DIR, make_digits_dataset
+from utils.demo import use_digits_demo
 from utils.device import amp_dtype, default_channels_last, describe_device
 from utils.distributed import (
     RESUME_OVERRIDABLE_FLAGS,
@@ -96,16 +98,24 @@ from utils.transforms import (
     parse_input_shape,
 )
 
-BEST_METRICS = ("top1", "f1", "precision", "recall", "loss")
 # Flags a resumed run may change; everything else comes from the checkpoint so the run continues exactly.
 RESUME_OVERRIDABLE = ("device", "workers", "log_dir", "tensorboard", "quiet", "resume_training", "resume")
 RESUME_OVERRIDABLE += RESUME_OVERRIDABLE_FLAGS
+EVAL_CRITERION = nn.CrossEntropyLoss()  # validation loss: plain, whatever weights or smoothing training uses
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train an image classifier on DATASET/{train,val[,test]}/<class>/ images.",
                                      add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data = parser.add_argument_group("data")
+    add_data_args(parser.add_argument_group("data"))
+    add_model_args(parser.add_argument_group("model"))
+    add_optimisation_args(parser.add_argument_group("optimisation"))
+    add_run_args(parser.add_argument_group("speed"), parser.add_argument_group("run, checkpoints and logs"))
+    add_distributed_args(parser)
+    return parser
+
+
+def add_data_args(data: argparse._ArgumentGroup) -> None:
     data.add_argument("--dataset_path", "--dataset-path", "--data", default=None,
                       help="dataset folder; without it, the built-in digits demo in data/digits is built and used")
     data.add_argument("--val_ratio", "--val-ratio", type=float, default=0.0,
@@ -132,7 +142,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data.add_argument("--cache_dir", "--cache-dir", default=None,
                       help="folder for --cache disk (default: LOG_DIR/.cache/images; never inside the dataset)")
 
-    model = parser.add_argument_group("model")
+
+def add_model_args(model: argparse._ArgumentGroup) -> None:
     model.add_argument("--model", default="resnet18", help="registry name (see --list_models)")
     model.add_argument("--list_models", "--list-models", action="store_true", help="print the available models and exit")
     model.add_argument("--pretrained", nargs="?", const="DEFAULT", default=None, metavar="WEIGHTS",
@@ -149,7 +160,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     model.add_argument("--unfreeze_epoch", "--unfreeze-epoch", type=int, default=0,
                        help="with --freeze_backbone: train the whole model from this epoch on (0: never)")
 
-    optim = parser.add_argument_group("optimisation")
+
+def add_optimisation_args(optim: argparse._ArgumentGroup) -> None:
     optim.add_argument("--epochs", type=int, default=None, help="default 30 (10 for the digits demo)")
     optim.add_argument("--batch_size", "--batch-size", type=int, default=32, help="images per batch")
     optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -173,14 +185,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     optim.add_argument("--accum_steps", "--accum-steps", type=int, default=1,
                        help="accumulate gradients over this many batches per optimizer step")
 
-    speed = parser.add_argument_group("speed")
+
+def add_run_args(speed: argparse._ArgumentGroup, run: argparse._ArgumentGroup) -> None:
     speed.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     speed.add_argument("--amp", action="store_true", help="mixed precision (fp16/bf16 on GPU; bf16 only on CPUs that have it)")
     speed.add_argument("--channels_last", "--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC memory layout (default: on for the CPU at 64 px and up, where it is faster; off elsewhere)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model (about a minute of compiling)")
-
-    run = parser.add_argument_group("run, checkpoints and logs")
     run.add_argument("--log_dir", "--log-dir", default="logs", help="runs go to LOG_DIR/<time>_<model>/")
     run.add_argument("--freq", type=int, default=0, help="also save epoch_<N>.pth every FREQ epochs (0: never)")
     run.add_argument("--best_metric", "--best-metric", choices=BEST_METRICS, default="top1",
@@ -192,8 +203,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact resume; slower)")
     run.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (needs tensorboard)")
     run.add_argument("--quiet", action="store_true", help="no console output (train.log still written)")
-    add_distributed_args(parser)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -213,121 +222,50 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run_training(argv: list[str] | None, new_run_folders: list[Path]) -> dict:
     """Everything from the flags to the final report; returns the final metrics per split."""
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     if args.list_models:
         print(format_model_list())
         return {}
     check_args(args)
-    resume, resume_notes = resolve_resume(args, argv)
+    resume = resolve_resume(args, argv)  # a resumed run takes the checkpoint's settings, in one step
     seed_everything(args.seed, args.deterministic)
     device = init_distributed(args.device, args.dist_backend, args.dist_timeout, args.sync_bn)  # torchrun: join (left at exit)
     main_process = is_main_process()  # under torchrun only rank 0 writes files and prints
-    on_main_process(check_run_folder_writable, args, bool(resume))  # in seconds, not after the data scan
+    on_main_process(check_run_folder_writable, args, resume is not None)  # in seconds, not after the data scan
 
-    # ---- data -------------------------------------------------------------------------------
-    use_demo_without_dataset(args, main_process)
+    # ---- data and where the run starts from -------------------------------------------------
+    if args.dataset_path is None:
+        use_digits_demo(args, announce=main_process and not args.quiet)
     args.epochs = args.epochs or 30
     scan = scan_dataset(args.dataset_path, args.val_ratio, args.test_ratio, args.seed)
     cache_dir = resolve_cache_dir(args.cache, args.cache_dir, args.log_dir, args.dataset_path)  # before any write
-    class_names = scan.class_names
-    check_same_on_all_ranks((class_names, {split: len(samples) for split, samples in scan.splits.items()}),
-                            f"the dataset at {args.dataset_path}")
-    check_classes(args, class_names)
+    class_names = check_dataset(args, scan)  # the same on every rank; two classes or more; --num_classes agrees
     check_model_name(args.model)
-    pretrained_state, pretrained_info = None, None
-    if args.pretrained is not None and not resume:
-        # rank 0 fetches (one download), every rank gets the weights
-        pretrained_state, pretrained_info = on_main_process(resolve_pretrained, args.pretrained, args.model,
-                                                            args.weights_dir, args.weights_mirror)
-    preprocess = make_preprocess(args, pretrained_info)
-    check_input_size(args.model, preprocess.input_size)
-    model_kwargs = weights_build_kwargs(args.model) if pretrained_info and pretrained_info["recipe"] else {}
-    if resume:
-        preprocess = Preprocess.from_dict(resume["preprocess"])
-        pretrained_info, model_kwargs = resume.get("pretrained"), resume.get("model_kwargs") or {}
-        if resume["class_names"] != class_names:
-            raise UsageError(f"the classes in {args.dataset_path} differ from those of the checkpoint being resumed")
+    start = starting_point(args, resume, class_names)  # preprocessing and weights: the checkpoint's when resuming
+    check_input_size(args.model, start.preprocess.input_size)
+    run_dir, log = open_run_folder(args, resume, scan, main_process, new_run_folders)
+    train_loader, eval_loaders = make_loaders(args, scan, start.preprocess, device, cache_dir, log, main_process)
 
-    # ---- run folder and logging -------------------------------------------------------------
-    run_dir, log = open_run_folder(args, bool(resume), resume_notes, scan, main_process, new_run_folders)
-
-    workers = default_workers(len(scan.splits["train"])) if args.workers is None else args.workers
-    generator = torch.Generator().manual_seed(args.seed)  # reseeded each epoch: exact resume
-    train_set = ImageDataset(scan.splits["train"], build_train_transform(
-        preprocess, args.augment, args.hflip, args.color_jitter, args.crop_scale))
-    eval_transform = build_eval_transform(preprocess)
-    train_loader = create_dataloader(train_set, args.batch_size, True, workers, device, generator,
-                                     sampler=train_sampler(train_set, args.seed))
-    eval_sets = {split: ImageDataset(samples, eval_transform) for split, samples in scan.splits.items() if split != "train"}
-    eval_loaders = {split: create_dataloader(dataset, args.batch_size, False, workers, device, sampler=eval_sampler(dataset))
-                    for split, dataset in eval_sets.items()}
-    log.info(cache_datasets(args.cache, preprocess, train_set, list(eval_sets.values()),
-                            cache_dir, workers,
-                            show_progress=sys.stderr.isatty() and not args.quiet and main_process))
-
-    # ---- model ------------------------------------------------------------------------------
-    model = create_model(args.model, len(class_names), tuple(preprocess.input_size), **model_kwargs)
-    if main_process:
-        log.info(describe_model(model, args.model, preprocess, run_dir))
-    head_names: list[str] = []  # what did not fit (the new head) stays trainable under --freeze_backbone
-    for source, state in [] if resume else starting_weights(args, pretrained_state, pretrained_info):
-        report = load_matching_weights(model, state, source, args.model)
-        log.info(f"{source}: {format_load_report(report)}")
-        head_names = head_parameter_names(model, report["reinitialised"])
-    if args.freeze_backbone:
-        trainable, total = set_backbone_trainable(model, False, head_names or head_parameter_names(model))
-        log.info(f"--freeze_backbone: training {trainable:,} of {total:,} parameters (the head)"
-                 + (f" until epoch {args.unfreeze_epoch}" if args.unfreeze_epoch else ""))
-    model.to(device)
-    if args.channels_last is None:
-        args.channels_last = default_channels_last(device, preprocess.input_size)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+    # ---- model, loss, optimiser, schedule --------------------------------------------------------
+    model = build_model(args, start, len(class_names), device, run_dir if main_process else None, log)
     train_model, eval_model = wrap_for_training(model, device, args.compile, args.sync_bn)  # DDP under torchrun
+    criterion, optimizer, scheduler, scaler, settings = make_optimisation(args, model, scan, train_loader,
+                                                                          start.preprocess, device, log)
 
-    # ---- loss, optimiser, schedule ----------------------------------------------------------
-    class_weight = inverse_frequency_weights(scan.counts("train")).to(device) if args.class_weights == "auto" else None
-    criterion = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=args.label_smoothing)
-    eval_criterion = nn.CrossEntropyLoss()
-    lr = scaled_lr(args.lr, args.lr_scale)
-    optimizer = create_optimizer(model, args.optimizer_type, lr, args.momentum, args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_loader) / args.accum_steps)
-    scheduler = create_scheduler(optimizer, args.lr_schedule_type, args.epochs, steps_per_epoch,
-                                 args.warmup_epochs, args.step_size, args.milestones, args.gamma)
-    dtype = amp_dtype(device, args.amp)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    settings = StepSettings(device, preprocess, dtype, args.channels_last, train_mode=train_mode)
-    log.info(f"Device: {describe_device(device)}; precision: {dtype or torch.float32}; workers: {workers}; "
-             f"layout: {'channels_last' if args.channels_last else 'NCHW'}; "
-             f"batch {args.batch_size} x accum {args.accum_steps}; {steps_per_epoch} steps/epoch")
-    log.info(describe_scale(args.batch_size, args.accum_steps, args.lr, lr))
-
-    start_epoch, best = 0, None
-    history_rows: list[dict] = []
-    if resume:
-        start_epoch, best, history_rows = restore_training_state(resume, model, optimizer, scheduler, scaler,
-                                                                 steps_per_epoch, args.epochs)
-        log.info(f"Resumed from {args.resume_training} after epoch {start_epoch}")
+    # ---- checkpoints and history ------------------------------------------------------------
+    saver = CheckpointSaver(run_dir if main_process else None, run_record(args, class_names, start),
+                            args.best_metric, args.freq)
+    start_epoch, saver.best, history_rows = restore_training_state(
+        resume, model, optimizer, scheduler, scaler, scheduler_steps(args, train_loader), args, log) if resume else (0, None, [])
     history = History(run_dir if main_process else None, history_rows)
     board = TensorBoard(run_dir) if args.tensorboard and main_process else None
 
-    def checkpoint(epoch: int, metrics: dict, resumable: bool) -> dict:
-        state = {
-            "format": CHECKPOINT_FORMAT, "model": args.model, "class_names": class_names,
-            "state_dict": unwrap_model(model).state_dict(), "preprocess": preprocess.to_dict(),
-            "epoch": epoch, "metrics": metrics, "best_metric": best, "args": plain_args(args),
-            "versions": versions(), "created": timestamp(), "pretrained": pretrained_info,
-            "model_kwargs": model_kwargs,
-        }
-        if resumable:
-            state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         scaler=scaler.state_dict() if scaler else None, rng=capture_rng_state(),
-                         history=history.rows)
-        return state
+    def training_state() -> dict:  # what last.pth adds to a checkpoint so that the run can resume
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None, "rng": capture_rng_state(), "history": history.rows}
 
-    if main_process and not resume:
-        save_checkpoint(checkpoint(0, {}, resumable=True), run_dir / "last.pth")  # Ctrl-C in epoch 1 is resumable too
+    if not resume:
+        saver.save_start(model, training_state())  # Ctrl-C in epoch 1 is resumable too
 
     # ---- the epoch loop ---------------------------------------------------------------------
     show_progress = sys.stderr.isatty() and not args.quiet and main_process
@@ -338,47 +276,29 @@ def run_training(argv: list[str] | None, new_run_folders: list[Path]) -> dict:
             if args.freeze_backbone and args.unfreeze_epoch and epoch >= args.unfreeze_epoch:
                 set_backbone_trainable(model, True, [])  # the optimizer already holds every parameter
                 train_model = follow_unfreeze(train_model, model, device, args.compile)  # DDP: sync those too
-            train_stats = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler, settings, scaler,
-                                          args.accum_steps, args.grad_clip, f"epoch {epoch}/{args.epochs}", show_progress)
-            val = evaluate(eval_model, eval_loaders["val"], eval_criterion, settings, len(class_names), "val", show_progress)
-            row = {"epoch": epoch, "lr": train_stats["lr"], "train_loss": train_stats["loss"],
-                   "train_acc": train_stats["acc"], "val_loss": val["loss"], "val_acc": val["top1"],
-                   "val_f1": val["f1"], "epoch_time": train_stats["time"], "images_per_s": train_stats["images_per_s"]}
-            history.append(row)  # in memory: last.pth carries it; history.csv gets it once last.pth is saved
+            with explain_training_errors(args):  # a diverged loss or a batch BatchNorm cannot take: one line
+                train_stats = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler, settings,
+                                              scaler, args.accum_steps, args.grad_clip, f"epoch {epoch}/{args.epochs}",
+                                              show_progress)
+            val = evaluate(eval_model, eval_loaders["val"], EVAL_CRITERION, settings, len(class_names), "val", show_progress)
+            row = history.add_epoch(epoch, train_stats, val)  # in memory: last.pth carries it, then history.csv
             metrics = {k: v for k, v in val.items() if k != "confusion"}
-            improved = best is None or is_better(metrics, best, args.best_metric)
-            if improved:
-                best = {"epoch": epoch, args.best_metric: metrics[args.best_metric], "loss": metrics["loss"]}
-            if main_process:
-                if improved:
-                    save_checkpoint(checkpoint(epoch, metrics, resumable=False), run_dir / "best.pth")
-                save_checkpoint(checkpoint(epoch, metrics, resumable=True), run_dir / "last.pth")
-                if args.freq and epoch % args.freq == 0:
-                    save_checkpoint(checkpoint(epoch, metrics, resumable=False), run_dir / f"epoch_{epoch}.pth")
+            improved = saver.save_epoch(model, epoch, metrics, training_state)  # best.pth, last.pth, epoch_N.pth
             saved_epoch = epoch
             history.write()
             history.plot(run_dir / "plots")
             if board:
                 board.log(row, epoch)
-            log.info(f"epoch {epoch}/{args.epochs}  lr {train_stats['lr']:.2e}  train loss {train_stats['loss']:.4f} "
-                     f"acc {train_stats['acc']:.2%}  |  val {format_metrics(metrics)}  |  "
-                     f"{train_stats['time']:.1f}s {train_stats['images_per_s']:.0f} img/s{'  *best' if improved else ''}")
+            log.info(epoch_summary(epoch, args.epochs, train_stats, metrics, improved))
     except KeyboardInterrupt:
         log.info(f"\nInterrupted. {run_dir / 'last.pth'} holds epoch {saved_epoch}; continue with:\n"
                  f"  python train.py --resume_training {run_dir / 'last.pth'}")
         raise
-    except NonFiniteLossError as error:
-        raise UsageError(f"{error}: training diverged; try a lower --lr (now {args.lr}) or --grad_clip 1.0") from None
-    except ValueError as error:  # BatchNorm in training mode, on a batch of one image at a small input size
-        if "Expected more than 1 value per channel" not in str(error):
-            raise
-        raise UsageError(f"--batch_size {args.batch_size}: BatchNorm needs batches of 2 or more images at this "
-                         "input size; use a larger --batch_size") from None
     finally:
         if board:
             board.close()
 
-    return final_report(run_dir, model, eval_loaders, eval_criterion, settings, class_names, log, show_progress)
+    return final_report(run_dir, model, eval_loaders, settings, class_names, log, show_progress)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -399,6 +319,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--crop_scale must be in (0, 1], got {args.crop_scale}")
 
 
+def epoch_summary(epoch: int, epochs: int, train_stats: dict, metrics: dict, improved: bool) -> str:
+    """The console line of one epoch."""
+    return (f"epoch {epoch}/{epochs}  lr {train_stats['lr']:.2e}  train loss {train_stats['loss']:.4f} "
+            f"acc {train_stats['acc']:.2%}  |  val {format_metrics(metrics)}  |  "
+            f"{train_stats['time']:.1f}s {train_stats['images_per_s']:.0f} img/s{'  *best' if improved else ''}")
+
+
 def check_run_folder_writable(args: argparse.Namespace, resume: bool) -> None:
     """A UsageError now when the run folder cannot be written to (a new run's --log_dir, a resumed run's folder)."""
     if resume:
@@ -407,30 +334,22 @@ def check_run_folder_writable(args: argparse.Namespace, resume: bool) -> None:
         check_output_dir(args.log_dir, "--log_dir")
 
 
-def use_demo_without_dataset(args: argparse.Namespace, main_process: bool) -> None:
-    """No --dataset_path: the built-in digits demo, with the settings that suit it."""
-    if args.dataset_path is not None:
-        return
-    if not args.quiet and main_process:
-        print(f"No --dataset_path: using the built-in demo, scikit-learn's handwritten digits in {DEMO_DIR}")
-    args.dataset_path = str(on_main_process(make_digits_dataset))
-    args.input_shape = args.input_shape or [32]
-    args.epochs = args.epochs or 10
-    args.hflip = 0.0  # a mirrored digit is another digit
-    args.crop_scale = max(args.crop_scale, 0.5)  # 32-pixel digits: small crops lose the digit
-
-
-def check_classes(args: argparse.Namespace, class_names: list[str]) -> None:
-    """Refuse, before any training, class lists no classifier can be trained or checked on."""
+def check_dataset(args: argparse.Namespace, scan: DatasetScan) -> list[str]:
+    """The class names, after refusing, before any training, a dataset that differs between
+    torchrun ranks or a class list no classifier can be trained or checked on."""
+    class_names = scan.class_names
+    check_same_on_all_ranks((class_names, {split: len(samples) for split, samples in scan.splits.items()}),
+                            f"the dataset at {args.dataset_path}")
     if len(class_names) < 2:
         raise UsageError(f"the dataset {args.dataset_path} has only one class ({class_names[0]}): a classifier "
                          "needs at least two classes (class folders); add another class")
     if args.num_classes is not None and args.num_classes != len(class_names):
         raise UsageError(f"--num_classes {args.num_classes} disagrees with the dataset, which has "
                          f"{len(class_names)} classes ({', '.join(class_names[:10])}...); drop the flag or fix the data")
+    return class_names
 
 
-def open_run_folder(args: argparse.Namespace, resume: bool, resume_notes: list[str], scan: DatasetScan, main_process: bool,
+def open_run_folder(args: argparse.Namespace, resume: ResumeState | None, scan: DatasetScan, main_process: bool,
                     new_run_folders: list[Path]) -> tuple[Path, logging.Logger]:
     """The run folder (a new one, or the resumed run's), its log, and the files that describe the run."""
     if resume:
@@ -445,7 +364,7 @@ def open_run_folder(args: argparse.Namespace, resume: bool, resume_notes: list[s
     if stale:
         log.info(f"Removed {len(stale)} temporary file(s) of a checkpoint save that was cut short: "
                  + ", ".join(path.name for path in stale))
-    for note in resume_notes:
+    for note in resume.notes if resume else []:
         log.info(note)
     log.info(scan.report())
     if main_process:
@@ -454,38 +373,159 @@ def open_run_folder(args: argparse.Namespace, resume: bool, resume_notes: list[s
     return run_dir, log
 
 
+@dataclass
+class StartingPoint:
+    """What a run starts from: its preprocessing, model build arguments and starting weights.
+
+    A resumed run takes all of it from its checkpoint (the weights come with the training state);
+    a new run from the flags and --pretrained / --weights."""
+
+    preprocess: Preprocess
+    model_kwargs: dict = field(default_factory=dict)
+    pretrained_info: dict | None = None  # where --pretrained weights came from (kept in every checkpoint)
+    weights: list[tuple[str, dict]] = field(default_factory=list)  # (source, state_dict) to load, in order
+
+
+def starting_point(args: argparse.Namespace, resume: ResumeState | None, class_names: list[str]) -> StartingPoint:
+    if resume:
+        checkpoint = resume.checkpoint
+        if checkpoint["class_names"] != class_names:
+            raise UsageError(f"the classes in {args.dataset_path} differ from those of the checkpoint being resumed")
+        return StartingPoint(Preprocess.from_dict(checkpoint["preprocess"]), checkpoint.get("model_kwargs") or {},
+                             checkpoint.get("pretrained"))
+    start = StartingPoint(make_preprocess(args, None))
+    if args.pretrained is not None:
+        # rank 0 fetches (one download), every rank gets the weights
+        state, info = on_main_process(resolve_pretrained, args.pretrained, args.model, args.weights_dir,
+                                      args.weights_mirror)
+        start = StartingPoint(make_preprocess(args, info), weights_build_kwargs(args.model) if info["recipe"] else {},
+                              info, [(info["file"], state)])
+    if args.weights:
+        checkpoint = load_checkpoint(args.weights)
+        made_for = f" (a {checkpoint['model']} checkpoint)" if isinstance(checkpoint.get("model"), str) else ""
+        start.weights.append((args.weights + made_for, checkpoint["state_dict"]))
+    return start
+
+
+def run_record(args: argparse.Namespace, class_names: list[str], start: StartingPoint) -> dict:
+    """What every checkpoint of the run says about it (utils/checkpoint.py lists the whole format)."""
+    return {"model": args.model, "class_names": class_names, "preprocess": start.preprocess.to_dict(),
+            "args": plain_args(args), "pretrained": start.pretrained_info, "model_kwargs": start.model_kwargs}
+
+
+def make_loaders(args: argparse.Namespace, scan: DatasetScan, preprocess: Preprocess, device: torch.device,
+                 cache_dir: Path | None, log: logging.Logger, main_process: bool) -> tuple[DataLoader, dict]:
+    """The training loader and one evaluation loader per other split (val, test), cached if asked."""
+    workers = default_workers(len(scan.splits["train"])) if args.workers is None else args.workers
+    generator = torch.Generator().manual_seed(args.seed)  # reseeded each epoch: exact resume
+    train_set = ImageDataset(scan.splits["train"], build_train_transform(
+        preprocess, args.augment, args.hflip, args.color_jitter, args.crop_scale))
+    eval_transform = build_eval_transform(preprocess)
+    train_loader = create_dataloader(train_set, args.batch_size, True, workers, device, generator,
+                                     sampler=train_sampler(train_set, args.seed))
+    eval_sets = {split: ImageDataset(samples, eval_transform) for split, samples in scan.splits.items() if split != "train"}
+    eval_loaders = {split: create_dataloader(dataset, args.batch_size, False, workers, device, sampler=eval_sampler(dataset))
+                    for split, dataset in eval_sets.items()}
+    log.info(cache_datasets(args.cache, preprocess, train_set, list(eval_sets.values()), cache_dir, workers,
+                            show_progress=sys.stderr.isatty() and not args.quiet and main_process))
+    return train_loader, eval_loaders
+
+
+def load_starting_weights(model: nn.Module, args: argparse.Namespace, start: StartingPoint, log: logging.Logger) -> None:
+    """--pretrained, then --weights on top (each reported); then --freeze_backbone."""
+    head_names: list[str] = []  # what did not fit (the new head) stays trainable under --freeze_backbone
+    for source, state in start.weights:
+        report = load_matching_weights(model, state, source, args.model)
+        log.info(f"{source}: {format_load_report(report)}")
+        head_names = head_parameter_names(model, report["reinitialised"])
+    if args.freeze_backbone:
+        trainable, total = set_backbone_trainable(model, False, head_names or head_parameter_names(model))
+        log.info(f"--freeze_backbone: training {trainable:,} of {total:,} parameters (the head)"
+                 + (f" until epoch {args.unfreeze_epoch}" if args.unfreeze_epoch else ""))
+
+
+def build_model(args: argparse.Namespace, start: StartingPoint, num_classes: int, device: torch.device,
+                run_dir: Path | None, log: logging.Logger) -> nn.Module:
+    """The registry model with its starting weights, on the device, in the memory layout that suits it."""
+    model = create_model(args.model, num_classes, tuple(start.preprocess.input_size), **start.model_kwargs)
+    if run_dir is not None:
+        log.info(describe_model(model, args.model, start.preprocess, run_dir))
+    load_starting_weights(model, args, start, log)
+    model.to(device)
+    if args.channels_last is None:
+        args.channels_last = default_channels_last(device, start.preprocess.input_size)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def scheduler_steps(args: argparse.Namespace, train_loader: DataLoader) -> int:
+    """Optimizer steps per epoch: the schedules count these, not batches (--accum_steps)."""
+    return math.ceil(len(train_loader) / args.accum_steps)
+
+
+def make_optimisation(args: argparse.Namespace, model: nn.Module, scan: DatasetScan, train_loader: DataLoader,
+                      preprocess: Preprocess, device: torch.device, log: logging.Logger) -> tuple:
+    """(criterion, optimizer, per-iteration scheduler, fp16 grad scaler or None, StepSettings)."""
+    class_weight = inverse_frequency_weights(scan.counts("train")).to(device) if args.class_weights == "auto" else None
+    criterion = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=args.label_smoothing)
+    lr = scaled_lr(args.lr, args.lr_scale)
+    optimizer = create_optimizer(model, args.optimizer_type, lr, args.momentum, args.weight_decay)
+    steps_per_epoch = scheduler_steps(args, train_loader)
+    scheduler = create_scheduler(optimizer, args.lr_schedule_type, args.epochs, steps_per_epoch,
+                                 args.warmup_epochs, args.step_size, args.milestones, args.gamma)
+    dtype = amp_dtype(device, args.amp)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    settings = StepSettings(device, preprocess, dtype, args.channels_last, train_mode=train_mode)
+    log.info(f"Device: {describe_device(device)}; precision: {dtype or torch.float32}; "
+             f"workers: {train_loader.num_workers}; layout: {'channels_last' if args.channels_last else 'NCHW'}; "
+             f"batch {args.batch_size} x accum {args.accum_steps}; {steps_per_epoch} steps/epoch")
+    log.info(describe_scale(args.batch_size, args.accum_steps, args.lr, lr))
+    return criterion, optimizer, scheduler, scaler, settings
+
+
+@contextlib.contextmanager
+def explain_training_errors(args: argparse.Namespace) -> Iterator[None]:
+    """Training failures a user can fix become one line naming the flag to change."""
+    try:
+        yield
+    except NonFiniteLossError as error:
+        raise UsageError(f"{error}: training diverged; try a lower --lr (now {args.lr}) or --grad_clip 1.0") from None
+    except ValueError as error:  # BatchNorm in training mode, on a batch of one image at a small input size
+        if "Expected more than 1 value per channel" not in str(error):
+            raise
+        raise UsageError(f"--batch_size {args.batch_size}: BatchNorm needs batches of 2 or more images at this "
+                         "input size; use a larger --batch_size") from None
+
+
 def make_preprocess(args: argparse.Namespace, pretrained_info: dict | None) -> Preprocess:
     """Input size and resize from the flags; with ImageNet weights, their own recipe where not given."""
     recipe = (pretrained_info or {}).get("recipe")
     if not recipe:
-        return Preprocess(input_size=parse_input_shape(args.input_shape or [224]), resize_mode=args.resize_mode)
+        input_size = parse_input_shape(args.input_shape) if args.input_shape else Preprocess().input_size
+        return Preprocess(input_size=input_size, resize_mode=args.resize_mode)
     input_size = parse_input_shape(args.input_shape) if args.input_shape else recipe["input_size"]
     return Preprocess(input_size=input_size, resize_mode=args.resize_mode, crop_pct=recipe["crop_pct"],
                       mean=list(recipe["mean"]), std=list(recipe["std"]), interpolation=recipe["interpolation"])
 
 
-def starting_weights(args: argparse.Namespace, pretrained_state: dict | None,
-                     pretrained_info: dict | None) -> list[tuple[str, dict]]:
-    """(source, state_dict) to load before training: --pretrained, then --weights on top."""
-    found = []
-    if pretrained_state is not None:
-        found.append((pretrained_info["file"], pretrained_state))
-    if args.weights:
-        checkpoint = load_checkpoint(args.weights)
-        made_for = f" (a {checkpoint['model']} checkpoint)" if isinstance(checkpoint.get("model"), str) else ""
-        found.append((args.weights + made_for, checkpoint["state_dict"]))
-    return found
+@dataclass
+class ResumeState:
+    """The checkpoint a run resumes from, and log lines on the flags given with --resume."""
+
+    checkpoint: dict
+    notes: list[str]
 
 
-def resolve_resume(args: argparse.Namespace, argv: list[str] | None) -> tuple[dict | None, list[str]]:
-    """Load the checkpoint to resume from and take its settings; return it and lines for the log.
+def resolve_resume(args: argparse.Namespace, argv: list[str] | None) -> ResumeState | None:
+    """Load the checkpoint to resume from and take its settings into `args`.
 
     The flags given on the command line that a resumed run may change (RESUME_OVERRIDABLE, and
     --epochs above the epochs already done) are applied; every other given flag is ignored, and
-    the lines say which, so the run continues exactly as it began.
+    the notes say which, so the run continues exactly as it began.
     """
     if not args.resume_training:
-        return None, []
+        return None
     if args.resume_training == "auto":
         found = newest_run_checkpoint(args.log_dir)
         if found is None:
@@ -518,7 +558,7 @@ def resolve_resume(args: argparse.Namespace, argv: list[str] | None) -> tuple[di
         notes.append(f"Resume: the run now ends after epoch {args.epochs} (it was set for "
                      f"{checkpoint['args'].get('epochs')}); the lr schedule is recomputed for {args.epochs} "
                      "epochs and continues from the step the run has reached")
-    return checkpoint, notes
+    return ResumeState(checkpoint, notes)
 
 
 def given_flags(argv: list[str] | None) -> dict:
@@ -538,8 +578,11 @@ def format_flag(key: str, value: object) -> str:
     return f"--{key} {value}"
 
 
-def restore_training_state(checkpoint: dict, model, optimizer, scheduler, scaler,
-                           steps_per_epoch: int, epochs: int) -> tuple[int, dict | None, list]:
+def restore_training_state(resume: ResumeState, model: nn.Module, optimizer, scheduler, scaler, steps_per_epoch: int,
+                           args: argparse.Namespace, log: logging.Logger) -> tuple[int, dict | None, list]:
+    """Weights, optimizer, schedule, scaler and RNG as last.pth left them; (epoch, best, history rows)."""
+    checkpoint, epochs = resume.checkpoint, args.epochs
+    log.info(f"Resumed from {args.resume_training} after epoch {checkpoint['epoch']}")
     model.load_state_dict(checkpoint["state_dict"])
     restore_schedule(optimizer, scheduler, checkpoint["optimizer"], checkpoint["scheduler"],
                      checkpoint["epoch"] * steps_per_epoch, new_length=epochs != checkpoint["args"].get("epochs"))
@@ -547,14 +590,6 @@ def restore_training_state(checkpoint: dict, model, optimizer, scheduler, scaler
         scaler.load_state_dict(checkpoint["scaler"])
     restore_rng_state(checkpoint["rng"])
     return checkpoint["epoch"], checkpoint.get("best_metric"), checkpoint.get("history", [])
-
-
-def is_better(metrics: dict, best: dict, name: str) -> bool:
-    """Higher is better except for loss; equal values go to the lower loss."""
-    value, best_value = metrics[name], best[name]
-    if name == "loss":
-        return value < best_value
-    return value > best_value or (value == best_value and metrics["loss"] < best["loss"])
 
 
 def inverse_frequency_weights(counts: list[int]) -> torch.Tensor:
@@ -591,7 +626,7 @@ def describe_model(model: nn.Module, name: str, preprocess: Preprocess, run_dir:
             f"{stats.total_mult_adds / 1e9:.3f} GMACs per {height}x{width} image")
 
 
-def final_report(run_dir: Path, model: nn.Module, eval_loaders: dict, criterion: nn.Module, settings: StepSettings,
+def final_report(run_dir: Path, model: nn.Module, eval_loaders: dict, settings: StepSettings,
                  class_names: list[str], log, show_progress: bool) -> dict:
     """Evaluate best.pth on val (per-class table, confusion matrix) and on test if there is one."""
     best = on_main_process(load_checkpoint, run_dir / "best.pth")  # rank 0 wrote it; other machines may not see it
@@ -599,7 +634,7 @@ def final_report(run_dir: Path, model: nn.Module, eval_loaders: dict, criterion:
     log.info(f"\nBest model: epoch {best['epoch']} ({run_dir / 'best.pth'})")
     results = {}
     for split, loader in eval_loaders.items():
-        metrics = evaluate(model, loader, criterion, settings, len(class_names), split, show_progress)
+        metrics = evaluate(model, loader, EVAL_CRITERION, settings, len(class_names), split, show_progress)
         rows = per_class_rows(metrics["confusion"], class_names)
         results[split] = {k: v for k, v in metrics.items() if k != "confusion"}
         if not is_main_process():

@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DistributedSampler
 
-from train import inverse_frequency_weights, is_better
+from train import inverse_frequency_weights
 from utils.checkpoint import (
     capture_rng_state,
+    is_better,
     load_checkpoint,
     load_model_weights,
     remove_stale_temp_files,

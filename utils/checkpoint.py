@@ -23,7 +23,7 @@ import random
 import re
 import secrets
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -217,3 +217,74 @@ def versions() -> dict[str, str]:
 
 def timestamp() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---- a run's checkpoint files and the policy that picks them ------------------------------------
+
+BEST_METRICS = ("top1", "f1", "precision", "recall", "loss")
+
+
+def is_better(metrics: Mapping[str, float], best: Mapping[str, float], name: str) -> bool:
+    """Higher is better except for loss; equal values go to the lower loss."""
+    value, best_value = metrics[name], best[name]
+    if name == "loss":
+        return value < best_value
+    return value > best_value or (value == best_value and metrics["loss"] < best["loss"])
+
+
+class CheckpointSaver:
+    """Owns a run's checkpoint files: builds each self-describing dict, decides which files an
+    epoch writes, and writes them atomically (timm's CheckpointSaver is the model).
+
+        last.pth       every epoch (and at epoch 0), with `training_state()` added: resumable
+        best.pth       when `best_metric` on validation improves (ties go to the lower loss)
+        epoch_<N>.pth  every `freq` epochs (0: never)
+
+    `record` holds what describes the run and stays fixed (model, class_names, preprocess, args,
+    pretrained, model_kwargs, ...); see the module docstring for the whole format. With
+    run_dir None (torchrun ranks other than 0) it still decides, so every rank agrees on `best`,
+    but writes nothing.
+    """
+
+    def __init__(self, run_dir: Optional[Path], record: Mapping[str, Any], best_metric: str = "top1",
+                 freq: int = 0, best: Optional[dict] = None):
+        if best_metric not in BEST_METRICS:
+            raise ValueError(f"best_metric must be one of {BEST_METRICS}, got {best_metric!r}")
+        self.run_dir = run_dir
+        self.record = dict(record)
+        self.best_metric = best_metric
+        self.freq = freq
+        self.best = best  # {"epoch", best_metric, "loss"} of the best epoch so far; None before the first
+
+    def build(self, model: nn.Module, epoch: int, metrics: Mapping[str, Any],
+              training_state: Optional[Mapping[str, Any]] = None) -> dict:
+        """The checkpoint dict: the run's record, the plain model's weights, where the run stands."""
+        checkpoint = {"format": CHECKPOINT_FORMAT, **self.record, "state_dict": unwrap_model(model).state_dict(),
+                      "epoch": epoch, "metrics": dict(metrics), "best_metric": self.best,
+                      "versions": versions(), "created": timestamp()}
+        if training_state is not None:
+            checkpoint.update(training_state)
+        return checkpoint
+
+    def save_start(self, model: nn.Module, training_state: Mapping[str, Any]) -> None:
+        """last.pth before the first epoch, so a Ctrl-C during epoch 1 is resumable too."""
+        self._write("last.pth", self.build(model, 0, {}, training_state))
+
+    def save_epoch(self, model: nn.Module, epoch: int, metrics: Mapping[str, Any],
+                   training_state: Callable[[], Mapping[str, Any]]) -> bool:
+        """Write the files this epoch calls for; return whether it is the best epoch so far."""
+        improved = self.best is None or is_better(metrics, self.best, self.best_metric)
+        if improved:
+            self.best = {"epoch": epoch, self.best_metric: metrics[self.best_metric], "loss": metrics["loss"]}
+        if self.run_dir is None:
+            return improved
+        if improved:
+            self._write("best.pth", self.build(model, epoch, metrics))
+        self._write("last.pth", self.build(model, epoch, metrics, training_state()))
+        if self.freq and epoch % self.freq == 0:
+            self._write(f"epoch_{epoch}.pth", self.build(model, epoch, metrics))
+        return improved
+
+    def _write(self, name: str, checkpoint: dict) -> None:
+        if self.run_dir is not None:
+            save_checkpoint(checkpoint, self.run_dir / name)

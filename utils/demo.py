@@ -7,10 +7,13 @@ on it. It is also the real data the tests use.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from utils.distributed import on_main_process
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "digits"
 DEMO_IMAGE_SIDE = 32
@@ -41,3 +44,14 @@ def make_digits_dataset(root: str | Path = DEMO_DIR, seed: int = 0, val_ratio: f
             png.tofile(folder / f"digit_{i:04d}.png")  # unlike cv2.imwrite, fine with non-ASCII paths
     marker.write_text("built by utils/demo.py from sklearn.datasets.load_digits\n")
     return root
+
+
+def use_digits_demo(args: argparse.Namespace, announce: bool) -> None:
+    """train.py without --dataset_path: build the digits demo (rank 0 only) and use the settings that suit it."""
+    if announce:
+        print(f"No --dataset_path: using the built-in demo, scikit-learn's handwritten digits in {DEMO_DIR}")
+    args.dataset_path = str(on_main_process(make_digits_dataset))
+    args.input_shape = args.input_shape or [DEMO_IMAGE_SIDE]
+    args.epochs = args.epochs or 10
+    args.hflip = 0.0  # a mirrored digit is another digit
+    args.crop_scale = max(args.crop_scale, 0.5)  # 32-pixel digits: small crops lose the digit

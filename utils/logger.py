@@ -157,6 +157,14 @@ class History:
         self.rows: list[dict] = list(rows or [])
         self.write()
 
+    def add_epoch(self, epoch: int, train_stats: dict, val: dict) -> dict:
+        """The row of a finished epoch, from train_one_epoch's and evaluate's results; appended and returned."""
+        row = {"epoch": epoch, "lr": train_stats["lr"], "train_loss": train_stats["loss"],
+               "train_acc": train_stats["acc"], "val_loss": val["loss"], "val_acc": val["top1"],
+               "val_f1": val["f1"], "epoch_time": train_stats["time"], "images_per_s": train_stats["images_per_s"]}
+        self.append(row)
+        return row
+
     def append(self, row: dict) -> None:
         """Add (or replace) an epoch's row in memory; `write` puts it in history.csv."""
         row = {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
