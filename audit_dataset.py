@@ -61,6 +61,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Every flag checked before any work, each failure one line naming the flag."""
     if not args.dataset_path:
         raise UsageError("--dataset_path is required: the dataset folder to audit")
+    if not os.path.isdir(args.dataset_path):  # here, before torch is imported: a typo fails at once
+        raise UsageError(f"--dataset_path {args.dataset_path} does not exist or is not a folder")
     checks = [
         (args.folds >= 2, f"--folds must be at least 2, got {args.folds}"),
         (-1 <= args.phash_distance <= 64, f"--phash_distance must be in -1..64, got {args.phash_distance}"),
@@ -129,7 +131,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     out_dir = output_folder(args)
     print(f"Auditing {len(dataset.items)} images of {len(dataset.class_names)} classes in {args.dataset_path}; "
           f"output: {out_dir}")
-    result = run_audit(dataset, options, out_dir)
+    try:
+        result = run_audit(dataset, options, out_dir)
+    except UsageError:
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # made by this run and still empty: a run that could not start leaves nothing
+        raise
     print(console_summary(result, out_dir, time.perf_counter() - start))
 
 

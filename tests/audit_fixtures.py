@@ -40,12 +40,14 @@ class Planted:
 def scene(rng: np.random.Generator, label: int, side: int = 64) -> np.ndarray:
     """One RGB uint8 image of class `label`."""
     shading = cv2.resize(rng.integers(30, 226, (3, 3, 3), dtype=np.uint8), (side, side), interpolation=cv2.INTER_CUBIC)
+    grey = shading.mean(axis=2, keepdims=True)
+    shading = (0.35 * shading + 0.65 * grey).astype(np.uint8)  # muted background: the object's colour stands out
     for _ in range(4):
         grey = int(rng.integers(0, 256))
         centre = (int(rng.integers(0, side)), int(rng.integers(0, side)))
         cv2.circle(shading, centre, int(rng.integers(3, side // 5)), (grey, grey, grey), -1)
     colour = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in _COLOURS[label])
-    radius = int(rng.integers(side // 6, side // 4))
+    radius = int(rng.integers(side // 5, side // 3))
     cx, cy = (int(v) for v in rng.integers(radius, side - radius, 2))
     if label == 0:
         cv2.circle(shading, (cx, cy), radius, colour, -1)
