@@ -39,12 +39,13 @@ from utils.files import list_class_dirs, list_images
 from utils.image_hash import (
     DEFAULT_MAX_DISTANCE,
     DuplicateGroup,
+    DuplicateSearch,
     Fingerprint,
     Link,
     fingerprint_files,
-    group_fingerprints,
     hashes_as_uint64,
     popcount,
+    search_duplicates,
 )
 from utils.optim import create_optimizer, create_scheduler
 from utils.transforms import Preprocess, build_eval_transform, build_train_transform
@@ -118,6 +119,7 @@ class AuditResult:
     notes: list[str] = field(default_factory=list)  # what was skipped and why, for the report
     timings: dict[str, float] = field(default_factory=dict)  # step -> seconds
     embedding_source: Optional[str] = None
+    phash_distance: int = DEFAULT_MAX_DISTANCE  # the one used (see utils.image_hash.crowding_limit)
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -378,13 +380,19 @@ def embedding_links(embeddings: np.ndarray, indices: Sequence[int], min_similari
     return links
 
 
-def duplicate_groups(fingerprints: Sequence[Fingerprint], embeddings: Optional[np.ndarray],
-                     readable: Sequence[int], options: AuditOptions) -> list[DuplicateGroup]:
+def duplicate_search(fingerprints: Sequence[Fingerprint], embeddings: Optional[np.ndarray],
+                     readable: Sequence[int], options: AuditOptions, notes: list[str]) -> DuplicateSearch:
     extra = []
     if embeddings is not None:
         hashes = hashes_as_uint64([fingerprints[i] for i in readable])
         extra = embedding_links(embeddings, readable, options.min_similarity, hashes)
-    return group_fingerprints(fingerprints, options.max_distance, extra, progress=options.progress)
+    search = search_duplicates(fingerprints, options.max_distance, extra, progress=options.progress)
+    if search.lowered:
+        used = f"{search.max_distance} bits were used" if search.max_distance >= 0 else "only exact copies count"
+        notes.append(f"duplicates: unrelated images of this dataset have close perceptual hashes (about "
+                     f"{search.expected_false_pairs:.0f} unrelated pairs expected within --phash_distance "
+                     f"{search.requested_distance}), so {used}")
+    return search
 
 
 # ----------------------------------------------------------------------------- the whole audit
@@ -405,7 +413,7 @@ def run_audit(dataset: AuditDataset, options: AuditOptions, out_dir: Path) -> Au
             embeddings, embedding_source = checkpoint_embeddings(
                 options.weights, [(paths[i], 0) for i in readable], options)
     with timed(timings, "duplicates"):
-        groups = duplicate_groups(fingerprints, embeddings, readable, options)
+        search = duplicate_search(fingerprints, embeddings, readable, options, notes)
     labels = None
     if options.labels and readable:
         input_size = options.input_size or quick_input_size(fingerprints)
@@ -413,7 +421,8 @@ def run_audit(dataset: AuditDataset, options: AuditOptions, out_dir: Path) -> Au
             labels = label_issues(dataset, readable, embeddings, options, notes, input_size)
     elif not options.labels:
         notes.append("label issues: skipped (--no_labels)")
-    result = AuditResult(dataset, fingerprints, groups, labels, notes, timings, embedding_source)
+    result = AuditResult(dataset, fingerprints, search.groups, labels, notes, timings, embedding_source,
+                         search.max_distance)
     with timed(timings, "report"):
         write_outputs(result, options, out_dir)
     return result

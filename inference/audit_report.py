@@ -305,8 +305,8 @@ def _files_section(stats: DataStats) -> list[str]:
 def _duplicates_section(result: AuditResult, options: AuditOptions) -> list[str]:
     groups = ordered_groups(result)
     kinds = Counter(member.kind for group, _, _ in groups for member in group.members)
-    rule = (f"same bytes (exact), perceptual hash within {options.max_distance} of 64 bits (perceptual)"
-            if options.max_distance >= 0 else "same bytes only (exact)")
+    rule = (f"same bytes (exact), perceptual hash within {result.phash_distance} of 64 bits (perceptual)"
+            if result.phash_distance >= 0 else "same bytes (exact)")
     if result.embedding_source:
         rule += (f", cosine similarity of centred embeddings at least {options.min_similarity} with perceptual "
                  f"hashes within {EMBEDDING_MAX_BITS} bits (embedding)")

@@ -26,6 +26,8 @@ from utils.cli import run_cli
 from utils.image_hash import (
     DuplicateGroup,
     Link,
+    crowding_limit,
+    expected_unrelated_pairs,
     find_duplicate_groups,
     fingerprint_files,
     group_keys,
@@ -236,14 +238,28 @@ def test_hash_pairs_match_a_brute_force_count_in_any_block_size(monkeypatch):
     hashes[10] = hashes[20] ^ np.uint64(0b1011)  # 3 bits apart
     bits = np.array([[bin(int(a) ^ int(b)).count("1") for b in hashes] for a in hashes])
     expected = {(i, j) for i in range(300) for j in range(i + 1, 300) if bits[i, j] <= 22}
-    np.fill_diagonal(bits, 64)
+    histogram = np.bincount(bits[np.triu_indices(300, 1)], minlength=65)
     for block in (1 << 22, 1000, 1):
         monkeypatch.setattr(image_hash, "PAIR_BLOCK_ELEMENTS", block)
-        links, nearest = hash_pairs(hashes, 22)
-        assert {(link.first, link.second) for link in links} == expected
+        links, counts = hash_pairs(hashes, 22)
+        assert {(link.first, link.second) for link in links} == expected and (10, 20, 3.0) in {
+            (link.first, link.second, link.distance) for link in links}
         assert all(link.distance == bits[link.first, link.second] for link in links)
-        assert (nearest == bits.min(1)).all() and nearest[10] == 3
+        assert (counts == histogram).all()
     assert (popcount(hashes) == [bin(int(h)).count("1") for h in hashes]).all()
+
+
+def test_the_perceptual_limit_drops_where_unrelated_images_crowd_together():
+    from math import comb
+
+    pairs = 5000 * 4999 // 2
+    independent = np.array([pairs * comb(64, d) / 2**64 for d in range(65)])  # random bits: nobody near
+    assert crowding_limit(independent, 10, 5000) == 10 and expected_unrelated_pairs(independent, 10) < 1
+    look_alike = np.array([10 ** (d / 4) for d in range(65)])  # x10 pairs every 4 bits closer: far too close
+    assert expected_unrelated_pairs(look_alike, 10) == pytest.approx(10 ** 2.5, rel=0.01)
+    limit = crowding_limit(look_alike, 10, 5000)
+    assert expected_unrelated_pairs(look_alike, limit) <= 10 < expected_unrelated_pairs(look_alike, limit + 1)
+    assert crowding_limit(look_alike, 10, 10) == 0  # one pair tolerated, at 10 ** 0 = 1
 
 
 def test_groups_are_connected_parts_and_members_keep_their_strongest_link():
@@ -253,6 +269,19 @@ def test_groups_are_connected_parts_and_members_keep_their_strongest_link():
     assert [g.paths for g in groups] == [["a.png", "b.png", "c.png"], ["e.png", "f.png"]]
     assert [(m.kind, m.distance) for m in groups[0].members] == [("exact", 0), ("exact", 0), ("embedding", 0.05)]
     assert groups[0].spans({"a.png": "train", "c.png": "val"}) and not groups[1].spans({"e.png": "train"})
+
+
+def test_embedding_links_need_similar_centred_embeddings_and_close_hashes():
+    from inference.audit import EMBEDDING_MAX_BITS, embedding_links
+
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(6, 16)) + 100.0  # a large shared offset, as after a ReLU: centring removes it
+    embeddings[1] = embeddings[0] + rng.normal(scale=0.01, size=16)  # row 1 ~ row 0: close hashes -> linked
+    embeddings[3] = embeddings[2] + rng.normal(scale=0.01, size=16)  # row 3 ~ row 2: hashes far apart -> not
+    hashes = np.array([0, 0b111, 0, 2**(EMBEDDING_MAX_BITS + 1) - 1, 0, 0], dtype=np.uint64)
+    links = embedding_links(embeddings, [10, 11, 12, 13, 14, 15], 0.9, hashes)
+    assert [(link.first, link.second, link.kind) for link in links] == [(10, 11, "embedding")]
+    assert 0 <= links[0].distance < 0.01
 
 
 def test_api_for_split_planning_keeps_near_duplicates_in_one_split(faulty):

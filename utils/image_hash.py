@@ -17,6 +17,7 @@ over the same files decodes nothing. Nothing here writes anywhere but the cache 
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 import sys
@@ -43,6 +44,8 @@ HASH_SIDE = 128  # images are shrunk to this longest side before hashing: pHash 
 PAIR_BLOCK_ELEMENTS = 1 << 22  # hashes compared per numpy step: bounds memory (32 MiB) for any dataset size
 EMPTY_SHA1 = "da39a3ee5e6b4b0d3255bfef95601890afd80709"  # sha1 of zero bytes
 KINDS = ("exact", "perceptual", "embedding")  # how strong a link is, strongest first
+FALSE_PAIR_RATE = 0.002  # pHash pairs of unrelated images tolerated per image (see crowding_limit)
+CROWDING_MIN_PAIRS = 30  # pairs needed at a distance to extrapolate the tail of unrelated pairs from it
 CACHE_TIMEOUT_S = 10.0  # wait this long for another process's write lock on the cache, then go on without it
 
 
@@ -260,45 +263,88 @@ def popcount(values: np.ndarray) -> np.ndarray:
 
 
 def hash_pairs(hashes: np.ndarray, max_distance: int, progress: bool = False) -> tuple[list[Link], np.ndarray]:
-    """All pairs (i < j) of uint64 hashes that differ in at most `max_distance` bits, and each
-    hash's distance to its nearest other hash (64 when it has none; for a report's histogram).
+    """All pairs (i < j) of uint64 hashes that differ in at most `max_distance` bits, and the
+    histogram of all pairs' distances (65 counts: 0..64 bits; for `crowding_limit`).
 
     Every pair is compared (exact, no index to tune): blocks of rows against all hashes keep the
-    memory bounded, and numpy does 5,000 images' 12.5 million pairs in well under a second.
+    memory bounded, and numpy does 5,000 images' 12.5 million pairs in about a second.
     """
     count = len(hashes)
-    nearest = np.full(count, 64, dtype=np.int64)
+    histogram = np.zeros(65, dtype=np.int64)
     links: list[Link] = []
     rows = max(1, PAIR_BLOCK_ELEMENTS // max(1, count))
     starts = range(0, count, rows)
     for start in tqdm(starts, desc="comparing hashes", disable=not progress or len(starts) < 2, leave=False,
                       file=sys.stderr, dynamic_ncols=True):
-        block = popcount(hashes[start:start + rows, None] ^ hashes[None, :]).astype(np.int64)
-        block[np.arange(len(block)), np.arange(start, start + len(block))] = 65  # not its own neighbour
-        nearest[start:start + rows] = np.minimum(block.min(1), 64)
-        rows_found, columns = np.nonzero(block <= max_distance)
-        upper = start + rows_found < columns  # each pair once
-        links += [Link(int(start + i), int(j), "perceptual", float(block[i, j]))
-                  for i, j in zip(rows_found[upper], columns[upper])]
-    return links, nearest
+        block = popcount(hashes[start:start + rows, None] ^ hashes[None, :])
+        upper = np.arange(start, start + len(block))[:, None] < np.arange(count)[None, :]  # each pair once
+        histogram += np.bincount(block[upper], minlength=65)
+        rows_found, columns = np.nonzero((block <= max_distance) & upper)
+        links += [Link(int(start + i), int(j), "perceptual", float(block[i, j])) for i, j in zip(rows_found, columns)]
+    return links, histogram
+
+
+def expected_unrelated_pairs(histogram: np.ndarray, distance: int) -> float:
+    """Pairs of unrelated images expected within `distance` bits, extrapolated from the pairs just
+    above it: on the left tail the number of pairs within d bits grows about exponentially with d
+    (a little slower further left, so the estimate errs high). 0 when hardly any pair is near."""
+    within = np.cumsum(histogram)
+    low = next((d for d in range(distance + 1, 33) if within[d] >= CROWDING_MIN_PAIRS), None)
+    if low is None:
+        return 0.0
+    high = min(low + 4, 32)
+    growth = math.log(within[high] / within[low]) / (high - low) if within[high] > within[low] else 0.0
+    return float(within[low] * math.exp(-growth * (low - distance)))
+
+
+def crowding_limit(histogram: np.ndarray, max_distance: int, count: int) -> int:
+    """The largest distance <= max_distance at which unrelated pairs are rare: below one per
+    1/FALSE_PAIR_RATE images (at least one pair). Photos keep the default; sets of look-alike
+    images (one object on a plain background, tiny digits) get a lower limit, or -1 (exact only)."""
+    budget = max(1.0, FALSE_PAIR_RATE * count)
+    distance = max_distance
+    while distance >= 0 and expected_unrelated_pairs(histogram, distance) > budget:
+        distance -= 1
+    return distance
+
+
+@dataclass
+class DuplicateSearch:
+    """Groups and how they were found."""
+
+    groups: list[DuplicateGroup]
+    max_distance: int  # the pHash distance used: the requested one, or lower (see crowding_limit)
+    requested_distance: int
+    expected_false_pairs: float  # unrelated pairs estimated within the requested distance
+
+    @property
+    def lowered(self) -> bool:
+        return self.max_distance < self.requested_distance
 
 
 def hashes_as_uint64(fingerprints: Sequence[Fingerprint]) -> np.ndarray:
     return np.array([int(fp.phash, 16) for fp in fingerprints], dtype=np.uint64)
 
 
-def group_fingerprints(fingerprints: Sequence[Fingerprint], max_distance: int = DEFAULT_MAX_DISTANCE,
-                       extra_links: Sequence[Link] = (), progress: bool = False) -> list[DuplicateGroup]:
+def search_duplicates(fingerprints: Sequence[Fingerprint], max_distance: int = DEFAULT_MAX_DISTANCE,
+                      extra_links: Sequence[Link] = (), progress: bool = False) -> DuplicateSearch:
     """Duplicate groups among readable fingerprints: same sha1 (exact), pHash within
-    `max_distance` bits (perceptual), plus `extra_links` (indices into `fingerprints`, e.g. CNN
-    embeddings). Groups are the connected parts of these links; biggest groups first."""
+    `max_distance` bits (perceptual; lowered where unrelated images crowd that close), plus
+    `extra_links` (indices into `fingerprints`, e.g. CNN embeddings). Groups are the connected
+    parts of these links; biggest groups first."""
     readable = [i for i, fp in enumerate(fingerprints) if fp.readable]
     links = list(extra_links) + _exact_links(fingerprints, readable)
     first_of_content = list({fingerprints[i].sha1: i for i in reversed(readable)}.values())
+    used, expected = max_distance, 0.0
     if max_distance >= 0 and first_of_content:  # identical bytes have identical hashes: compare each content once
-        pairs, _ = hash_pairs(hashes_as_uint64([fingerprints[i] for i in first_of_content]), max_distance, progress)
-        links += [Link(first_of_content[p.first], first_of_content[p.second], p.kind, p.distance) for p in pairs]
-    return links_to_groups([fp.path for fp in fingerprints], links)
+        pairs, histogram = hash_pairs(hashes_as_uint64([fingerprints[i] for i in first_of_content]), max_distance,
+                                      progress)
+        used = crowding_limit(histogram, max_distance, len(first_of_content))
+        expected = expected_unrelated_pairs(histogram, max_distance)
+        links += [Link(first_of_content[p.first], first_of_content[p.second], p.kind, p.distance)
+                  for p in pairs if p.distance <= used]
+    groups = links_to_groups([fp.path for fp in fingerprints], links)
+    return DuplicateSearch(groups, used, max_distance, expected)
 
 
 def _exact_links(fingerprints: Sequence[Fingerprint], indices: Sequence[int]) -> list[Link]:
@@ -337,11 +383,12 @@ def find_duplicate_groups(paths: Sequence[str], max_distance: int = DEFAULT_MAX_
                           progress: bool = False) -> list[DuplicateGroup]:
     """Exact and near-duplicate groups among image files (the cheap check: no model needed).
 
-    `max_distance` -1 finds exact copies only. Unreadable files are left out (see
+    `max_distance` -1 finds exact copies only; where unrelated images come that close, a lower
+    distance is used (`search_duplicates` says which). Unreadable files are left out (see
     `fingerprint_files` to list them).
     """
     fingerprints = fingerprint_files(paths, cache_path, workers, progress)
-    return group_fingerprints(fingerprints, max_distance, progress=progress)
+    return search_duplicates(fingerprints, max_distance, progress=progress).groups
 
 
 def group_keys(groups: Sequence[DuplicateGroup]) -> dict[str, str]:
