@@ -259,7 +259,7 @@ def test_the_perceptual_limit_drops_where_unrelated_images_crowd_together():
     assert expected_unrelated_pairs(look_alike, 10) == pytest.approx(np.cumsum(look_alike)[10], rel=0.01)  # exact here
     limit = crowding_limit(look_alike, 10, 5000)
     assert expected_unrelated_pairs(look_alike, limit) <= 10 < expected_unrelated_pairs(look_alike, limit + 1)
-    assert crowding_limit(look_alike, 10, 10) == 0  # one pair tolerated, at 10 ** 0 = 1
+    assert -1 <= crowding_limit(look_alike, 10, 10) < limit  # 10 images tolerate 1 such pair, 5000 tolerate 10
 
 
 def test_groups_are_connected_parts_and_members_keep_their_strongest_link():
