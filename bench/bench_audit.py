@@ -36,14 +36,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="400 images: a smoke test")
     parser.add_argument("--images", type=int, default=5000, help="images in the dataset (4 classes, 80%% train)")
     parser.add_argument("--keep", default=None, help="build the data and runs in this folder and keep them")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS for the runs (default: torch's, one per core); 1 is faster on a "
+                             "machine other processes keep busy (bench/RESULTS.md)")
     return parser
 
 
-def run(args: list[str], env: dict | None = None) -> tuple[float, str]:
+def run(args: list[str]) -> tuple[float, str]:
     """Run a repository script; (wall seconds, stdout). Any failure stops the benchmark."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, **(env or {})})
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{' '.join(args[:1])} failed:\n{result.stderr[-3000:]}")
     return time.perf_counter() - start, result.stdout
@@ -74,7 +76,9 @@ def found(out: Path, planted: Planted) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     images = 400 if args.quick else args.images
-    print(machine_description())
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by the subprocesses' torch at start
+    print(machine_description() + (f"; OMP_NUM_THREADS={args.threads} for the runs" if args.threads else ""))
     if args.keep:
         bench(Path(args.keep), images)
         return
