@@ -357,35 +357,43 @@ def label_issues(dataset: AuditDataset, readable: Sequence[int], embeddings: Opt
 
 def embedding_links(embeddings: np.ndarray, indices: Sequence[int], min_similarity: float,
                     hashes: np.ndarray) -> list[Link]:
-    """Pairs of images whose embeddings have cosine similarity >= min_similarity and whose
-    perceptual hashes are at most EMBEDDING_MAX_BITS apart, as Links between `indices`
-    (distance = 1 - cosine). `hashes`: uint64 pHash per row.
+    """Pairs of images that are each other's nearest neighbour by cosine similarity of centred
+    embeddings, with similarity >= min_similarity and pHashes at most EMBEDDING_MAX_BITS apart,
+    as Links between `indices` (distance = 1 - cosine). `hashes`: uint64 pHash per row.
 
-    The embeddings are centred first: the features after a ReLU all point into one orthant,
-    which puts even unrelated images above 0.7, and centring spreads them out. The hash check
-    guards against a model trained to the point where all images of a class embed alike.
-    Blocks of rows keep the memory bounded for any dataset size.
+    Why so strict: a classifier embeds the images of one class alike (after a short training
+    already), so a similarity threshold alone links whole classes into one group (5,000 images
+    of 4 classes: 4 groups of 1,000). Mutual nearest neighbours cannot chain: each image is in
+    at most one such pair. Centring first spreads the features, which after a ReLU all point
+    into one orthant (unrelated images above 0.7 otherwise). Pass each content once: an exact
+    copy would be every image's nearest neighbour.
     """
+    if len(embeddings) < 2:
+        return []
     centred = embeddings - embeddings.mean(0)
     unit = (centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-    links = []
-    for start in range(0, len(unit), SIMILARITY_BLOCK):
-        similarity = unit[start:start + SIMILARITY_BLOCK] @ unit.T
-        rows, columns = np.nonzero(similarity >= min_similarity)
-        keep = start + rows < columns  # each pair once, never an image with itself
-        rows, columns = rows[keep], columns[keep]
-        bits = popcount(hashes[start + rows] ^ hashes[columns])
-        links += [Link(indices[start + i], indices[j], "embedding", round(1.0 - float(similarity[i, j]), 6))
-                  for i, j, b in zip(rows, columns, bits) if b <= EMBEDDING_MAX_BITS]
-    return links
+    nearest = np.empty(len(unit), dtype=np.int64)
+    similarity = np.empty(len(unit), dtype=np.float32)
+    for start in range(0, len(unit), SIMILARITY_BLOCK):  # blocks of rows: bounded memory for any size
+        block = unit[start:start + SIMILARITY_BLOCK] @ unit.T
+        block[np.arange(len(block)), np.arange(start, start + len(block))] = -2.0  # not its own neighbour
+        nearest[start:start + len(block)] = block.argmax(1)
+        similarity[start:start + len(block)] = block.max(1)
+    rows = np.arange(len(unit))
+    mutual = (rows < nearest) & (nearest[nearest] == rows) & (similarity >= min_similarity)
+    close = popcount(hashes ^ hashes[nearest]) <= EMBEDDING_MAX_BITS
+    return [Link(indices[i], indices[nearest[i]], "embedding", round(1.0 - float(similarity[i]), 6))
+            for i in np.nonzero(mutual & close)[0]]
 
 
 def duplicate_search(fingerprints: Sequence[Fingerprint], embeddings: Optional[np.ndarray],
                      readable: Sequence[int], options: AuditOptions, notes: list[str]) -> DuplicateSearch:
     extra = []
     if embeddings is not None:
-        hashes = hashes_as_uint64([fingerprints[i] for i in readable])
-        extra = embedding_links(embeddings, readable, options.min_similarity, hashes)
+        first_of_content = list({fingerprints[i].sha1: row for row, i in reversed(list(enumerate(readable)))}.values())
+        hashes = hashes_as_uint64([fingerprints[readable[row]] for row in first_of_content])
+        extra = embedding_links(embeddings[first_of_content], [readable[row] for row in first_of_content],
+                                options.min_similarity, hashes)
     search = search_duplicates(fingerprints, options.max_distance, extra, progress=options.progress)
     if search.lowered:
         used = f"{search.max_distance} bits were used" if search.max_distance >= 0 else "only exact copies count"

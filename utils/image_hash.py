@@ -284,17 +284,27 @@ def hash_pairs(hashes: np.ndarray, max_distance: int, progress: bool = False) ->
     return links, histogram
 
 
-def expected_unrelated_pairs(histogram: np.ndarray, distance: int) -> float:
-    """Pairs of unrelated images expected within `distance` bits, extrapolated from the pairs just
-    above it: on the left tail the number of pairs within d bits grows about exponentially with d
-    (a little slower further left, so the estimate errs high). 0 when hardly any pair is near."""
+def expected_unrelated_pairs(histogram: np.ndarray, distance: int, reference: Optional[int] = None) -> float:
+    """Pairs of unrelated images expected within `distance` bits, extrapolated from the pairs
+    found a few bits above `reference` (default: `distance`), where duplicates are rare.
+
+    On the left tail of the distances of unrelated images, the pairs per bit grow about
+    exponentially; the rate is measured between the first distance above `reference` with
+    CROWDING_MIN_PAIRS pairs and 4 bits further, and the curve is followed down. Further left the
+    true tail falls faster, so the estimate errs high. 0 when hardly any pair comes near.
+    """
+    reference = distance if reference is None else reference
     within = np.cumsum(histogram)
-    low = next((d for d in range(distance + 1, 33) if within[d] >= CROWDING_MIN_PAIRS), None)
+    above = within - within[max(reference, 0)] if reference >= 0 else within  # pairs in (reference, d]
+    low = next((d for d in range(reference + 1, 33) if above[d] >= CROWDING_MIN_PAIRS), None)
     if low is None:
         return 0.0
-    high = min(low + 4, 32)
-    growth = math.log(within[high] / within[low]) / (high - low) if within[high] > within[low] else 0.0
-    return float(within[low] * math.exp(-growth * (low - distance)))
+    high = min(low + 4, 64)
+    if above[high] <= above[low]:
+        return float(above[low])  # no growth to follow: assume as many again below
+    growth = math.log(above[high] / above[low]) / (high - low)
+    at_reference = above[low] / math.expm1(growth * (low - reference))  # A e^(g r) where A (e^(g low) - e^(g r)) = above[low]
+    return float(at_reference * math.exp(-growth * (reference - distance)))
 
 
 def crowding_limit(histogram: np.ndarray, max_distance: int, count: int) -> int:
@@ -303,7 +313,7 @@ def crowding_limit(histogram: np.ndarray, max_distance: int, count: int) -> int:
     images (one object on a plain background, tiny digits) get a lower limit, or -1 (exact only)."""
     budget = max(1.0, FALSE_PAIR_RATE * count)
     distance = max_distance
-    while distance >= 0 and expected_unrelated_pairs(histogram, distance) > budget:
+    while distance >= 0 and expected_unrelated_pairs(histogram, distance, max_distance) > budget:
         distance -= 1
     return distance
 
