@@ -52,7 +52,8 @@ from utils.transforms import Preprocess, build_eval_transform, build_train_trans
 
 UNSPLIT = "all"  # the split column of an unsplit DATASET/<class>/ tree
 DEFAULT_MIN_SIMILARITY = 0.9  # cosine of centred CNN embeddings from which two images count as one picture
-EMBEDDING_MAX_BITS = 20  # ... if their pHashes also differ in at most this many bits (unrelated: 16-40, mostly 24+)
+EMBEDDING_MAX_BITS = 12  # ... and their pHashes differ in at most this many bits: 3-5% crops of a photo land at
+# 4-14 bits, and in 5,000 look-alike images (bench_audit.py) the embedding pairs above 12 bits were all unrelated
 SIMILARITY_BLOCK = 1024  # embedding rows compared per matrix product: bounds memory for any dataset size
 
 
