@@ -25,35 +25,39 @@ HASH_CACHE_NAME = "image_hashes.sqlite"
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Find duplicates, leakage between splits and likely label errors in DATASET/{train,val[,test]}/"
-                    "<class>/ or DATASET/<class>/, and report on the images. Nothing in the dataset is changed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "<class>/ or DATASET/<class>/, and report on the images. Nothing in the dataset is changed.")
     parser.add_argument("--dataset_path", "--dataset-path", "--data", default=None,
                         help="(required) the dataset: a train/val[/test] tree or unsplit class folders")
     parser.add_argument("--weights", default=None,
                         help="a train.py checkpoint: its embeddings find near duplicates and feed a K-fold logistic "
-                             "regression for label issues (default: a quick K-fold training of --model)")
-    parser.add_argument("--out", default=None, help="output folder (new or empty); default LOG_DIR/<time>_audit/")
-    parser.add_argument("--log_dir", "--log-dir", default="logs", help="where the default output folder goes")
-    parser.add_argument("--folds", type=int, default=5, help="K of the K-fold out-of-sample probabilities")
+                             "regression for label issues (without it: a quick K-fold training of --model)")
+    parser.add_argument("--out", default=None, help="output folder, new or empty (default: LOG_DIR/<time>_audit/)")
+    parser.add_argument("--log_dir", "--log-dir", default="logs", help="where the default output folder goes "
+                        "(default: %(default)s)")
+    parser.add_argument("--folds", type=int, default=5, help="K of the K-fold out-of-sample probabilities "
+                        "(default: %(default)s)")
     parser.add_argument("--phash_distance", "--phash-distance", type=int, default=10,
-                        help="near duplicates: perceptual hashes differing in at most this many of 64 bits "
-                             "(-1: exact copies only)")
+                        help="near duplicates: perceptual hashes differing in at most this many of 64 bits; lowered "
+                             "where unrelated images come that close; -1: exact copies only (default: %(default)s)")
     parser.add_argument("--min_similarity", "--min-similarity", type=float, default=0.9,
-                        help="with --weights: cosine similarity of (centred) embeddings from which two images are "
-                             "near duplicates, if their perceptual hashes are also close (see docs/audit.md)")
+                        help="with --weights: cosine similarity of centred embeddings from which two images that "
+                             "are each other's nearest neighbour are near duplicates (default: %(default)s)")
     parser.add_argument("--no_labels", "--no-labels", action="store_true",
                         help="skip the label-issue search (duplicates and the report only: fast)")
-    parser.add_argument("--model", default="resnet18", help="without --weights: the model trained K times")
+    parser.add_argument("--model", default="resnet18",
+                        help="without --weights: the model trained K times (default: %(default)s)")
     parser.add_argument("--input_shape", "--input-shape", type=int, default=None, metavar="SIZE",
-                        help="without --weights: its square input side (default: from the image sizes, 64-96)")
-    parser.add_argument("--epochs", type=int, default=4, help="without --weights: epochs of each fold's training")
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=32, help="images per batch")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+                        help="without --weights: its square input side (default: the median short side, within 32-96)")
+    parser.add_argument("--epochs", type=int, default=4,
+                        help="without --weights: epochs of each fold's training (default: %(default)s)")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: by data size)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the folds and the quick training")
-    parser.add_argument("--top", type=int, default=24, help="duplicate groups and suspects shown in the pictures")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the folds and the quick training (default: %(default)s)")
+    parser.add_argument("--top", type=int, default=24,
+                        help="duplicate groups and suspects shown in the pictures; 0: no pictures (default: %(default)s)")
     parser.add_argument("--cache_dir", "--cache-dir", default=None,
-                        help=f"folder of the hash cache {HASH_CACHE_NAME} (default LOG_DIR/.cache)")
+                        help=f"folder of the hash cache {HASH_CACHE_NAME} (default: LOG_DIR/.cache)")
     return parser
 
 

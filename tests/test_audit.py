@@ -347,6 +347,22 @@ def test_the_script_itself_exits_2_with_one_line(tmp_path):
                                                        "or is not a folder\n"
 
 
+@pytest.mark.parametrize("doc", ["docs/audit.md", "docs/zh-CN/audit.md"])
+def test_the_docs_name_every_flag_and_the_defaults_match_the_code(doc):
+    from inference.audit import DEFAULT_MIN_SIMILARITY, AuditOptions
+    from utils.image_hash import DEFAULT_MAX_DISTANCE
+
+    text = (REPO / doc).read_text(encoding="utf-8")
+    parser = audit_dataset.get_args_parser()
+    flags = [next(o for o in a.option_strings if o.startswith("--")) for a in parser._actions if a.dest != "help"]
+    assert [flag for flag in flags if f"`{flag}`" not in text] == []
+    defaults = parser.parse_args([])
+    assert (defaults.phash_distance, defaults.min_similarity) == (DEFAULT_MAX_DISTANCE, DEFAULT_MIN_SIMILARITY)
+    options = AuditOptions()
+    assert (defaults.folds, defaults.epochs, defaults.model, defaults.top) == (
+        options.folds, options.epochs, options.model, options.top)
+
+
 # ---- layering ---------------------------------------------------------------------------------------
 
 FLOOR = {"utils": 1, "models": 2, "inference": 3}
