@@ -48,6 +48,7 @@ from utils.image_hash import (
     search_duplicates,
 )
 from utils.optim import create_optimizer, create_scheduler
+from utils.predict import inference_workers
 from utils.transforms import Preprocess, build_eval_transform, build_train_transform
 
 UNSPLIT = "all"  # the split column of an unsplit DATASET/<class>/ tree
@@ -221,7 +222,8 @@ def checkpoint_embeddings(weights: str, samples: Sequence[Sample], options: Audi
     if channels_last:
         model.to(memory_format=torch.channels_last)
     settings = StepSettings(device, preprocess, channels_last=channels_last)
-    workers = _workers(options, len(samples))
+    # inference on the CPU: few decoding workers, so they do not take the cores the model needs
+    workers = inference_workers(len(samples), device) if options.workers is None else options.workers
     _, embeddings = forward_images(model, samples, settings, options.batch_size * 2, workers, "embeddings",
                                    options.progress, embed=True)
     return embeddings, f"{description}, on {describe_device(device)}"  # type: ignore[return-value]
@@ -234,16 +236,18 @@ def _workers(options: AuditOptions, count: int) -> int:
 # ----------------------------------------------------------------------------- label issues
 
 
-def usable_folds(labels: np.ndarray, folds: int) -> tuple[int, Optional[str]]:
-    """Folds that stratified K-fold can make (each class needs one image per fold), or a reason
-    why out-of-sample probabilities cannot be had at all."""
-    counts = np.bincount(labels)
-    present = counts[counts > 0]
-    if len(present) < 2:
-        return 0, "label issues: only one class has readable images, so there is nothing to confuse"
-    if present.min() < 2:
-        return 0, "label issues: a class has a single readable image; K-fold needs at least two per class"
-    return min(folds, int(present.min())), None
+def usable_positions(labels: np.ndarray, class_names: Sequence[str], notes: list[str]) -> np.ndarray:
+    """Positions whose class has at least two readable images (stratified K-fold needs one in
+    each of two folds); the classes left out are noted. Empty when fewer than two classes remain."""
+    counts = np.bincount(labels, minlength=len(class_names))
+    single = [class_names[c] for c in np.nonzero(counts == 1)[0]]
+    if single:
+        notes.append(f"label issues: left out class(es) with a single readable image: {', '.join(single)}")
+    keep = counts[labels] >= 2
+    if len(np.unique(labels[keep])) < 2:
+        notes.append("label issues: fewer than two classes have two readable images, so there is nothing to compare")
+        return np.zeros(0, dtype=np.int64)
+    return np.nonzero(keep)[0]
 
 
 def embedding_probs(embeddings: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -332,25 +336,26 @@ def label_issues(dataset: AuditDataset, readable: Sequence[int], embeddings: Opt
     ranked by cleanlab; None with a note when there is not enough data."""
     start = time.perf_counter()
     labels = np.array([dataset.items[i].label for i in readable], dtype=np.int64)
-    folds, reason = usable_folds(labels, options.folds)
-    if reason:
-        notes.append(reason)
+    kept = usable_positions(labels, dataset.class_names, notes)
+    if not len(kept):
         return None
+    labels, indices = labels[kept], [readable[k] for k in kept]
+    # cleanlab wants the classes numbered 0..C-1 with every one present: renumber the present ones
+    present, counts = np.unique(labels, return_counts=True)
+    dense = np.searchsorted(present, labels)
+    folds = min(options.folds, int(counts.min()))
     if folds < options.folds:
         notes.append(f"label issues: {folds} folds instead of {options.folds} (the smallest class has {folds} images)")
-    # cleanlab wants the classes numbered 0..C-1 with every one present: renumber the present ones
-    present = np.unique(labels)
-    dense = np.searchsorted(present, labels)
     if embeddings is not None:
-        probs = embedding_probs(embeddings, dense, folds, options.seed)
+        probs = embedding_probs(embeddings[kept], dense, folds, options.seed)
         source = f"{folds}-fold logistic regression on the embeddings"
     else:
-        samples = [(dataset.items[i].path, int(label)) for i, label in zip(readable, dense)]
+        samples = [(dataset.items[i].path, int(label)) for i, label in zip(indices, dense)]
         probs, source = trained_probs(samples, len(present), folds, options, input_size)
     issues, quality = find_issues(dense, probs)
-    full = np.zeros((len(readable), len(dataset.class_names)), dtype=np.float32)
+    full = np.zeros((len(indices), len(dataset.class_names)), dtype=np.float32)
     full[:, present] = probs
-    return LabelResult(list(readable), full, issues, quality, source, time.perf_counter() - start)
+    return LabelResult(indices, full, issues, quality, source, time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------- duplicates

@@ -294,6 +294,31 @@ def test_embedding_links_are_close_mutual_nearest_neighbours_with_close_hashes()
     assert links and all(len(group.members) == 2 for group in groups)
 
 
+def test_label_issues_from_embeddings_leave_out_single_image_classes():
+    from inference.audit import AuditDataset, AuditItem, AuditOptions, label_issues
+
+    rng = np.random.default_rng(0)
+    names = ["cat", "dog", "rare"]
+    labels = [0] * 30 + [1] * 30 + [2]
+    items = [AuditItem(f"{i}.png", "train", names[label], label) for i, label in enumerate(labels)]
+    centres = np.array([[4.0] * 8, [-4.0] * 8, [0.0] * 8])
+    embeddings = centres[labels] + rng.normal(size=(61, 8))
+    flipped = [3, 40]  # a cat filed as dog, a dog filed as cat
+    for i in flipped:
+        items[i] = AuditItem(items[i].path, "train", names[1 - labels[i]], 1 - labels[i])
+    notes: list[str] = []
+    result = label_issues(AuditDataset("root", names, items, True), list(range(61)), embeddings,
+                          AuditOptions(folds=5), notes, 32)
+    assert notes == ["label issues: left out class(es) with a single readable image: rare"]
+    assert result is not None and 60 not in result.indices and result.probs.shape == (60, 3)
+    assert sorted(result.indices[p] for p in result.issues[:2]) == flipped
+    assert result.source == "5-fold logistic regression on the embeddings"
+    one_class = [AuditItem(f"{i}.png", "train", "cat", 0) for i in range(10)] + [items[60]]
+    assert label_issues(AuditDataset("root", names, one_class, True), list(range(11)), embeddings[:11],
+                        AuditOptions(), notes, 32) is None
+    assert notes[-1].startswith("label issues: fewer than two classes")
+
+
 def test_api_for_split_planning_keeps_near_duplicates_in_one_split(faulty):
     """How split_dataset.py can use it: the group key as the 'hash' plan_split keeps together."""
     root, planted, _ = faulty
