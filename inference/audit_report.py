@@ -346,7 +346,8 @@ def write_report(path: Path, result: AuditResult, options: AuditOptions, stats: 
     total = sum(result.timings.values())
     lines = [f"# Dataset audit: {dataset.root}", "",
              f"{datetime.now():%Y-%m-%d %H:%M}: {len(dataset.items)} images in {len(dataset.class_names)} classes, "
-             f"splits: {', '.join(dataset.splits)}. The steps took {format_seconds(total)} (see Timings). "
+             f"{'splits: ' + ', '.join(dataset.splits) if dataset.split_tree else 'not split'}. "
+             f"The steps took {format_seconds(total)} (see Timings). "
              "Nothing in the dataset was changed.", ""]
     if result.embedding_source:
         lines += [f"Embeddings: {result.embedding_source}.", ""]
