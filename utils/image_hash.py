@@ -11,7 +11,8 @@ The content hash is utils.split.file_sha1 (the one split_dataset.py writes to sp
 perceptual hash is imagehash's pHash of the image as training reads it (utils.data.read_rgb):
 64 bits that stay within a few bits under resizing and JPEG recompression and drift further
 under cropping; two images are near duplicates when their hashes differ in at most
-`max_distance` bits. A fingerprint is cached by absolute path, mtime and size, so a second run
+`max_distance` bits, a limit lowered for datasets whose unrelated images come that close
+(`crowding_limit`: tiny digits, one object on a plain background). A fingerprint is cached by absolute path, mtime and size, so a second run
 over the same files decodes nothing. Nothing here writes anywhere but the cache file.
 """
 
