@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+import audit_dataset
 import export
 import infer
 import split_dataset
@@ -16,7 +17,7 @@ import train
 from ui_classification import app
 
 # Add a script here and its flags must be documented in both languages.
-PARSERS = {"train.py": train.get_args_parser(), "export.py": export.get_args_parser(), "infer.py": infer.get_args_parser(),
+PARSERS = {"train.py": train.get_args_parser(), "audit_dataset.py": audit_dataset.get_args_parser(), "export.py": export.get_args_parser(), "infer.py": infer.get_args_parser(),
            "split_dataset.py": split_dataset.get_args_parser(), "runui.py": app.get_args_parser()}
 
 DOCS = REPO / "docs"
