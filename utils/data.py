@@ -10,7 +10,6 @@ may not add one. Every image is read to 3-channel RGB uint8, whatever it was on 
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import warnings
@@ -19,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import BinaryIO, Callable, Optional
 
 import cv2
 import numpy as np
@@ -63,29 +62,27 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     Pillow is the fallback for the rare files OpenCV refuses. Reading the bytes with numpy keeps
     non-ASCII paths working on every OS (cv2.imread does not on Windows).
     """
-    data = _read_bytes(path)
-    problem = _header_problem(io.BytesIO(data))
-    if problem:
-        raise ImageReadError(f"{path}: {problem}")
+    try:
+        with open(path, "rb") as file:
+            problem = _file_size_problem(os.fstat(file.fileno()).st_size) or _header_problem(file)
+            if problem:
+                raise ImageReadError(f"{path}: {problem}")
+            file.seek(0)
+            data = np.fromfile(file, dtype=np.uint8)
+    except OSError as error:
+        raise ImageReadError(f"cannot read {path}: {error.strerror or error}") from None
     image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is not None:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)  # in place: no second copy
     return _read_rgb_with_pillow(path)
 
 
-def _read_bytes(path: str | os.PathLike) -> np.ndarray:
-    try:
-        with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            if size > MAX_FILE_BYTES:
-                raise ImageReadError(f"{path}: file of {size / 2**30:.1f} GiB, larger than any image "
-                                     f"within the {MAX_IMAGE_PIXELS:,}-pixel limit")
-            data = np.fromfile(file, dtype=np.uint8)
-    except OSError as error:
-        raise ImageReadError(f"cannot read {path}: {error.strerror or error}") from None
-    if data.size == 0:
-        raise ImageReadError(f"{path}: empty file")
-    return data
+def _file_size_problem(size: int) -> Optional[str]:
+    if size == 0:
+        return "empty file"
+    if size > MAX_FILE_BYTES:
+        return f"file of {size / 2**30:.1f} GiB, larger than any image within the {MAX_IMAGE_PIXELS:,}-pixel limit"
+    return None
 
 
 def image_size_problem(width: int, height: int) -> Optional[str]:
@@ -99,9 +96,10 @@ def image_size_problem(width: int, height: int) -> Optional[str]:
     return None
 
 
-def _header_problem(source: str | os.PathLike | io.BytesIO, verify: bool = False) -> Optional[str]:
+def _header_problem(source: str | os.PathLike | BinaryIO, verify: bool = False) -> Optional[str]:
     """Read only the header with Pillow (lazy: no pixels decoded) and check the size;
-    `verify` also checks the file's structure (Image.verify, still no full decode)."""
+    `verify` also checks the file's structure (Image.verify, still no full decode).
+    An open file given as `source` stays open."""
     try:
         with Image.open(source) as image:
             problem = image_size_problem(*image.size)
@@ -135,13 +133,10 @@ def check_image(path: str) -> Optional[str]:
     """The pre-scan's cheap check (header, size limits, structure; no full decode): the reason
     the file is left out, or None."""
     try:
-        if os.path.getsize(path) == 0:
-            return "empty file"
-        if os.path.getsize(path) > MAX_FILE_BYTES:
-            return f"file larger than any image within the {MAX_IMAGE_PIXELS:,}-pixel limit"
+        problem = _file_size_problem(os.path.getsize(path))
     except OSError as error:
         return f"cannot read ({error.strerror or error})"
-    return _header_problem(path, verify=True)
+    return problem or _header_problem(path, verify=True)
 
 
 def find_unreadable(paths: Sequence[str], threads: int = 8) -> dict[str, str]:
@@ -369,10 +364,13 @@ class ImageDataset(torch.utils.data.Dataset):
         """`index`, then the following samples of its class, then those of the other classes
         (a generator: the order is only worked out when `index` cannot be read)."""
         yield index
-        order = [(index + step) % len(self.samples) for step in range(1, len(self.samples))]
         label = self.samples[index][1]
-        yield from (i for i in order if self.samples[i][1] == label)
-        yield from (i for i in order if self.samples[i][1] != label)
+        yield from (i for i in self._following(index) if self.samples[i][1] == label)  # usually the very next
+        yield from (i for i in self._following(index) if self.samples[i][1] != label)
+
+    def _following(self, index: int) -> Iterator[int]:
+        """The sample indices after `index`, wrapping around, `index` itself excluded."""
+        return ((index + step) % len(self.samples) for step in range(1, len(self.samples)))
 
 
 def available_cores() -> int:
