@@ -92,6 +92,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f"note: {note}")
     if not inputs.single:
         print(describe_inputs(inputs, labels))
+    for folder, reason in inputs.unreadable_folders:
+        print(f"warning: cannot list folder {folder} ({reason}): its images are not predicted", file=sys.stderr)
 
     results, seconds, workers = predict(predictor, inputs, labels, args)
     if inputs.single and results.errors[0]:

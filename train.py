@@ -423,7 +423,8 @@ def make_loaders(args: argparse.Namespace, scan: DatasetScan, preprocess: Prepro
     eval_transform = build_eval_transform(preprocess)
     train_loader = create_dataloader(train_set, args.batch_size, True, workers, device, generator,
                                      sampler=train_sampler(train_set, args.seed))
-    eval_sets = {split: ImageDataset(samples, eval_transform) for split, samples in scan.splits.items() if split != "train"}
+    eval_sets = {split: ImageDataset(samples, eval_transform, eval_size=preprocess.input_size)  # unreadable: left out
+                 for split, samples in scan.splits.items() if split != "train"}
     eval_loaders = {split: create_dataloader(dataset, args.batch_size, False, workers, device, sampler=eval_sampler(dataset))
                     for split, dataset in eval_sets.items()}
     log.info(cache_datasets(args.cache, preprocess, train_set, list(eval_sets.values()), cache_dir, workers,

@@ -31,6 +31,7 @@ _MIN_INPUT = {
     "maxvit": 224,
 }
 _AUX_LOGIT_MODELS = ("googlenet", "inception_v3")
+_SET_BY_BUILD = ("weights", "num_classes", "input_size", "image_size", "aux_logits", "init_weights", "progress")
 
 
 def _family(name: str) -> str:
@@ -103,7 +104,15 @@ def create_model(name: str, num_classes: int, input_size: tuple[int, int] = (224
     """
     check_model_name(name)
     check_input_size(name, input_size)
-    return MODEL_CLASSES[name](num_classes=num_classes, input_size=tuple(input_size), **model_kwargs)
+    reserved = sorted(set(model_kwargs) & set(_SET_BY_BUILD))
+    if reserved:  # e.g. "weights" would make torchvision download ImageNet weights
+        raise UsageError(f"model_kwargs may not set {', '.join(reserved)} (the registry sets them)")
+    try:
+        return MODEL_CLASSES[name](num_classes=num_classes, input_size=tuple(input_size), **model_kwargs)
+    except TypeError as error:
+        if not model_kwargs:
+            raise
+        raise UsageError(f"model_kwargs {model_kwargs} do not fit {name}: {error}") from None
 
 
 def has_aux_logits(name: str) -> bool:

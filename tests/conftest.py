@@ -7,8 +7,11 @@ import os
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before anything imports Qt: headless windows
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import ctypes
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import cv2
@@ -34,6 +37,48 @@ def write_image(path: Path, array: np.ndarray) -> Path:
     assert ok, path
     data.tofile(path)
     return path
+
+
+def write_blank_png(path: Path, width: int, height: int) -> Path:
+    """A valid all-black PNG of any size, written row by row (1-bit gray): a 30000 x 30000 image is
+    110 KB on disk and never exists in memory here, the way a decompression bomb arrives."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = (b"\0" * (1 + (width + 7) // 8)) * 1000  # filter byte + packed pixels, 1000 rows at a time
+    packer = zlib.compressobj(9)
+    pixels = b"".join(packer.compress(rows) for _ in range(height // 1000))
+    pixels += packer.compress(rows[:len(rows) // 1000 * (height % 1000)]) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, gray, deflate, no filter, no interlace
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return path
+
+
+def run_script_with_permissions(*args: str, locked: Path) -> subprocess.CompletedProcess:
+    """run_script, with file permission bits in force even when the tests run as root.
+
+    Root reads a chmod 000 folder (CAP_DAC_OVERRIDE), so there the child drops that capability
+    and CAP_DAC_READ_SEARCH from its bounding set before exec (Linux prctl); it then meets the
+    same PermissionError as any user. `locked` (already chmod 000) proves it works, else skip.
+    """
+    def drop_capabilities() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+            if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+    preexec = drop_capabilities if hasattr(os, "geteuid") and os.geteuid() == 0 else None
+    probe = [sys.executable, "-c", "import os, sys; os.listdir(sys.argv[1])", str(locked)]
+    try:
+        blocked = subprocess.run(probe, preexec_fn=preexec, capture_output=True).returncode != 0
+    except subprocess.SubprocessError:
+        blocked = False
+    if not blocked:
+        pytest.skip("cannot make folder permissions apply to this process (root without CAP_SETPCAP, or Windows)")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=env, encoding="utf-8", preexec_fn=preexec)
 
 
 def make_class_tree(root: Path, classes: dict[str, int], size: int = 40, seed: int = 0,

@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import os
+import re
+
+import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import make_class_tree, write_image
+import torch.nn as nn
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as F
+from conftest import make_class_tree, run_script_with_permissions, write_blank_png, write_image
 from PIL import Image
 
-from utils.data import ImageDataset, read_rgb, scan_dataset
+from utils.cache import cache_datasets
+from utils.data import (
+    MAX_IMAGE_PIXELS,
+    UNREADABLE,
+    ImageDataset,
+    ImageReadError,
+    check_image,
+    create_dataloader,
+    read_rgb,
+    scan_dataset,
+)
+from utils.engine import StepSettings, evaluate
 from utils.errors import UsageError
+from utils.metrics import ClassificationMetrics
 from utils.transforms import (
+    MAX_RESIZE_FACTOR,
     Preprocess,
+    ResizeCover,
     build_eval_transform,
     build_train_transform,
     normalize_batch,
@@ -114,14 +135,56 @@ def test_unsplit_tree_is_split_in_memory_without_copying(tmp_path):
     assert scan_dataset(tmp_path / "ds", val_ratio=0.2, seed=3).splits == scan.splits
 
 
-def test_dataset_skips_a_file_that_breaks_after_the_scan(tmp_path):
-    good = write_image(tmp_path / "good.png", np.zeros((8, 8, 3), np.uint8))
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"broken")
-    dataset = ImageDataset([(str(bad), 1), (str(good), 0)], build_eval_transform(Preprocess(input_size=[4, 4])))
-    with pytest.warns(UserWarning, match="bad.png"):
+def truncated_jpeg(path, seed: int = 0):
+    """A JPEG cut in half: its header is valid, so the pre-scan passes it, but it cannot be decoded."""
+    noise = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = cv2.imencode(".jpg", noise)[1].tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+def test_training_replaces_an_image_that_breaks_after_the_scan_by_one_of_its_class(tmp_path):
+    bad = truncated_jpeg(tmp_path / "bad.jpg")
+    assert check_image(str(bad)) is None  # the scan cannot tell
+    other = write_image(tmp_path / "other.png", np.zeros((8, 8, 3), np.uint8))
+    same = write_image(tmp_path / "same.png", np.full((8, 8, 3), 255, np.uint8))
+    dataset = ImageDataset([(str(bad), 1), (str(other), 0), (str(same), 1)],
+                           build_eval_transform(Preprocess(input_size=[4, 4])))
+    with pytest.warns(UserWarning, match="bad.jpg"):
         image, label = dataset[0]
-    assert image.shape == (3, 4, 4) and label == 0
+    assert label == 1 and image.shape == (3, 4, 4) and int(image.min()) == 255  # same.png, not other.png
+    lonely = ImageDataset([(str(bad), 1), (str(other), 0)], build_eval_transform(Preprocess(input_size=[4, 4])))
+    with pytest.warns(UserWarning):
+        assert lonely[0][1] == 0  # no other image of its class: another class rather than a dead epoch
+
+
+@pytest.mark.parametrize("cache", ["none", "ram"])
+def test_evaluation_leaves_out_an_image_that_breaks_after_the_scan(tmp_path, cache):
+    """Metrics over the readable images only, each counted once; the unreadable one is counted apart."""
+    root = make_class_tree(tmp_path / "ds", {"a": 3, "b": 3}, size=16, splits=("val",))
+    truncated_jpeg(root / "val" / "a" / "a_9.jpg")
+    samples = [(str(path), 0) for path in sorted((root / "val" / "a").iterdir())]
+    samples += [(str(path), 1) for path in sorted((root / "val" / "b").iterdir())]
+    pre = Preprocess(input_size=[8, 8])
+    dataset = ImageDataset(samples, build_eval_transform(pre), eval_size=pre.input_size)
+    if cache == "ram":
+        train_set = ImageDataset(samples[:1], build_eval_transform(pre))
+        cache_datasets("ram", pre, train_set, [dataset])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    loader = create_dataloader(dataset, 4, False, 0, torch.device("cpu"))  # batch 1 mixes both kinds
+    settings = StepSettings(torch.device("cpu"), pre)
+    with pytest.warns(UserWarning, match="left out of the metrics: .*a_9.jpg"):
+        metrics = evaluate(model, loader, nn.CrossEntropyLoss(), settings, 2, show_progress=False)
+    assert metrics["count"] == 6 and metrics["unreadable"] == 1 and int(metrics["confusion"].sum()) == 6
+    assert samples[3][0].endswith("a_9.jpg") and dataset[3][1] == UNREADABLE
+    readable = [i for i in range(len(samples)) if i != 3]
+    images = torch.stack([dataset[i][0] for i in readable])
+    expected = ClassificationMetrics(2)
+    with torch.inference_mode():
+        expected.update(model(normalize_batch(images, pre)), torch.tensor([samples[i][1] for i in readable]))
+    assert torch.equal(metrics["confusion"], expected.compute()["confusion"])
 
 
 @pytest.mark.parametrize("mode", ["crop", "letterbox", "stretch"])
@@ -155,3 +218,85 @@ def test_input_shape_parsing():
     assert parse_input_shape([224, 160]) == [224, 160]
     with pytest.raises(UsageError, match="--input_shape"):
         parse_input_shape([1, 2, 3])
+
+
+# ---- size limits (issue 11, item 4) ------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # utils.data filters it; pytest resets that
+def test_images_over_the_size_limits_are_refused_from_the_header(tmp_path):
+    """A 30000 x 30000 PNG (110 KB, 2.7 GB decoded) and a 1 x 200000 strip: refused by the reader
+    before decoding, and left out by the training pre-scan with the same reason."""
+    root = make_class_tree(tmp_path / "ds", {"a": 2, "b": 2}, size=8)
+    huge = write_blank_png(root / "train" / "a" / "huge.png", 30000, 30000)
+    strip = write_blank_png(root / "val" / "b" / "strip.png", 200000, 1)
+    largest = write_blank_png(tmp_path / "largest.png", MAX_IMAGE_PIXELS // 10000, 10000)  # just within
+    with pytest.raises(ImageReadError, match=f"too large: 900,000,000 pixels, over the limit of {MAX_IMAGE_PIXELS:,}"):
+        read_rgb(huge)
+    with pytest.raises(ImageReadError, match="extreme aspect ratio: 200000x1, over 100:1"):
+        read_rgb(strip)
+    assert check_image(str(largest)) is None
+    scan = scan_dataset(root)
+    reasons = dict(scan.skipped)
+    assert set(reasons) == {str(huge), str(strip)}
+    assert reasons[str(huge)].startswith("too large") and reasons[str(strip)].startswith("extreme aspect ratio")
+    assert scan.counts("train") == [2, 2] and scan.counts("val") == [2, 2]
+
+
+def test_crop_mode_never_resizes_a_strip_to_millions_of_pixels():
+    """Crop mode enlarges the short side; the part of a long image that the crop never reaches is cut
+    off first, so no working side exceeds MAX_RESIZE_FACTOR input sides. Usual images are untouched."""
+    cover = ResizeCover([224, 224], 0.875, T.InterpolationMode.BILINEAR)
+    for height, width in [(1, 99), (2, 199), (40, 3960), (5000, 50)]:
+        kept, resized = cover.working_region(height, width)
+        assert max(resized) <= MAX_RESIZE_FACTOR * 224 and min(resized) >= 224
+        assert cover(torch.zeros(3, height, width, dtype=torch.uint8)).shape == (3, 224, 224)
+    big = ResizeCover([4096, 4096], 0.875, T.InterpolationMode.BILINEAR)
+    assert max(big.working_region(1, 99)[1]) <= MAX_RESIZE_FACTOR * 4096  # was 4681 x 463,406
+    image = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert cover.working_region(375, 500) == ([375, 500], [256, 341])
+    whole = F.center_crop(F.resize(image, [256, 341], antialias=True), [224, 224])  # the rule, written out
+    assert torch.equal(cover(image), whole)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("input_size", [60000, 60000], "'preprocess.input_size' must be [height, width], whole numbers from 1 to 4096"),
+    ("input_size", [0, 32], "whole numbers from 1 to 4096"),
+    ("input_size", "224", "[height, width]"),
+    ("std", [0, 0, 0], "'preprocess.std' must be 3 positive numbers"),
+    ("std", [0.2, -0.2, 0.2], "3 positive numbers"),
+    ("mean", [0.5, float("nan"), 0.5], "'preprocess.mean' must be 3 numbers"),
+    ("crop_pct", 0, "'preprocess.crop_pct' must be a number above 0 and at most 1"),
+    ("interpolation", "sideways", "'preprocess.interpolation' must be one of nearest, nearest-exact, bilinear"),
+    ("resize_mode", ["crop"], "'preprocess.resize_mode' must be one of crop, letterbox, stretch"),
+])
+def test_stored_preprocessing_is_checked_field_by_field(field, value, message):
+    record = {**Preprocess().to_dict(), field: value}
+    with pytest.raises(UsageError, match=f"{re.escape(message)}.*, got "):
+        Preprocess.from_dict(record)
+    with pytest.raises(UsageError, match="field 'preprocess' must be a dict, got str"):
+        Preprocess.from_dict("crop")
+    assert Preprocess.from_dict({"input_size": (64, 48), "future_field": 1}).input_size == [64, 48]
+
+
+def test_input_shape_has_an_upper_bound():
+    assert parse_input_shape([4096]) == [4096, 4096]
+    with pytest.raises(UsageError, match="--input_shape takes one or two sizes from 1 to 4096"):
+        parse_input_shape([60000])
+
+
+# ---- folders that cannot be listed (issue 11, item 8) ------------------------------------------
+
+@pytest.mark.skipif(os.name == "nt", reason="chmod 000 does not lock a folder on Windows")
+def test_training_names_a_class_folder_it_cannot_list(tmp_path):
+    """Was "empty class folder(s) ...: add images": now the folder and the OS error, exit 2."""
+    root = make_class_tree(tmp_path / "ds", {"a": 2, "b": 2}, size=8)
+    locked = root / "train" / "b"
+    locked.chmod(0)
+    try:
+        result = run_script_with_permissions("train.py", "--dataset_path", str(root), "--epochs", "1",
+                                             "--log_dir", str(tmp_path / "logs"), locked=locked)
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"error: cannot list folder {locked}: Permission denied\n"
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())

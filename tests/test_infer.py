@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_script, write_image
+from conftest import REPO, run_script, run_script_with_permissions, write_blank_png, write_image
 
 import infer
 from utils.cli import run_cli
@@ -346,6 +348,131 @@ def test_bench_quick_prints_the_table():
     rows = [line for line in lines if line.startswith("| ") and "x |" in line]
     assert rows[0].startswith("| per-image loop") and rows[0].endswith("| 1.00x |")
     assert "(infer.py)" in rows[-1] and float(rows[-1].split("|")[3]) > 0
+
+
+# ---- hostile files, folders and checkpoints (issue 11) -------------------------------------------
+
+MEASURED = ("import resource, subprocess, sys\n"  # runs the script as its only child, then reports its peak memory
+            "code = subprocess.run([sys.executable, *sys.argv[1:]]).returncode\n"
+            "print(f'peak_rss_kib={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}', file=sys.stderr)\n"
+            "sys.exit(code)")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux only")
+def test_huge_strip_and_corrupt_images_are_skipped_in_bounded_memory(weights, digits_root, tmp_path):
+    """A 30000 x 30000 PNG (2.7 GB decoded; it peaked at 6.1 GB), a 1 x 200000 strip (2 GB in crop
+    mode) and files that fail to decode, in a labelled tree: listed as unreadable with their
+    reasons, never decoded, no OpenCV log lines, metrics over the readable images only."""
+    tree = tmp_path / "tree"
+    for digit, count in (("3", 3), ("7", 2)):
+        for source in sorted((digits_root / "test" / digit).glob("*.png"))[:count]:
+            (tree / digit).mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, tree / digit / source.name)
+    huge = write_blank_png(tree / "3" / "huge.png", 30000, 30000)
+    strip = write_blank_png(tree / "7" / "strip.png", 200000, 1)
+    good_png = sorted((digits_root / "test" / "7").glob("*.png"))[0].read_bytes()
+    (tree / "7" / "cut.png").write_bytes(good_png[:len(good_png) // 2])  # OpenCV warned "[ WARN ...]" here
+    (tree / "3" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    result = run_script("-c", MEASURED, "infer.py", "--weights", weights, "--image_path", str(tree),
+                        "--save_dir", str(tmp_path / "out"), "--num_show", "2")
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "[ WARN" not in output and "[ERROR" not in output and "Traceback" not in output
+    assert "DecompressionBomb" not in output
+    rows = {Path(r["path"]).name: r for r in read_csv(run_dir_of(tmp_path / "out") / "predictions.csv")}
+    assert rows["huge.png"]["error"] == f"{huge}: too large: 900,000,000 pixels, over the limit of 178,956,970 (shrink it first)"
+    assert rows["strip.png"]["error"] == f"{strip}: extreme aspect ratio: 200000x1, over 100:1 (crop or split it into pictures first)"
+    assert "cannot decode image" in rows["cut.png"]["error"] and rows["broken.jpg"]["status"] == "unreadable"
+    assert sum(r["status"] == "ok" for r in rows.values()) == 5
+    report = json.loads((run_dir_of(tmp_path / "out") / "predictions.json").read_text(encoding="utf-8"))
+    assert report["metrics"]["count"] == 5
+    assert "warning: 4 unreadable image(s)" in result.stderr and "Metrics over 5 labelled images" in result.stdout
+    peak_kib = int(result.stderr.rsplit("peak_rss_kib=", 1)[1])
+    # the imports alone take ~0.85 GiB (torch built with CUDA); decoding the PNG alone would add 2.7 GB
+    assert peak_kib < 2 * 2**20, f"infer.py peaked at {peak_kib / 2**20:.2f} GiB"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="chmod 000 does not lock a folder on Windows")
+def test_folders_that_cannot_be_listed_are_named(weights, photos, tmp_path):
+    """Were skipped in silence: now a warning naming the folder and the OS error, the rest predicted;
+    a top folder that cannot be listed is one line and exit 2."""
+    tree = tmp_path / "tree"
+    shutil.copytree(photos, tree)
+    locked = tree / "sub"
+    locked.chmod(0)
+    try:
+        result = run_script_with_permissions("infer.py", "--weights", weights, "--image_path", str(tree),
+                                             "--save_dir", str(tmp_path / "out"), "--num_show", "0", locked=locked)
+        top = run_script_with_permissions("infer.py", "--weights", weights, "--image_path", str(locked),
+                                          "--save_dir", str(tmp_path / "out2"), locked=locked)
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert f"warning: cannot list folder {locked} (Permission denied): its images are not predicted" in result.stderr
+    rows = read_csv(run_dir_of(tmp_path / "out") / "predictions.csv")
+    assert len(rows) == 5 and not any("/sub/" in r["path"] for r in rows)
+    assert top.returncode == 2
+    assert top.stderr == f"error: --image_path {locked}: cannot list folder {locked}: Permission denied\n"
+
+
+@pytest.fixture(scope="module")
+def crafted(weights, tmp_path_factory):
+    """crafted(field=value, ...) -> a copy of the trained checkpoint with those fields changed
+    ("preprocess.std" changes one entry of the preprocess record)."""
+    folder = tmp_path_factory.mktemp("crafted")
+    original = torch.load(weights, weights_only=True)
+
+    def make(**changes) -> str:
+        checkpoint = {**original, "preprocess": dict(original["preprocess"])}
+        for key, value in changes.items():
+            if key.startswith("preprocess_"):
+                checkpoint["preprocess"][key.removeprefix("preprocess_")] = value
+            else:
+                checkpoint[key] = value
+        path = folder / f"crafted_{len(list(folder.iterdir()))}.pth"
+        torch.save(checkpoint, path)
+        return str(path)
+
+    return make
+
+
+def test_malformed_checkpoint_fields_and_devices_in_a_real_process(weights, crafted, photos, tmp_path):
+    """std 0 gave NaN probabilities marked ok and --device meta a traceback: now one line naming the
+    file and the field (or the flag), exit 2, nothing written."""
+    zero_std = crafted(preprocess_std=[0.0, 0.0, 0.0])
+    cases = [
+        (["--weights", zero_std], f"error: checkpoint {zero_std}: field 'preprocess.std' must be 3 positive numbers "
+                                  "(one per RGB channel), got [0.0, 0.0, 0.0] (edited or damaged? train.py writes "
+                                  "valid ones)\n"),
+        (["--weights", weights, "--device", "meta"], "error: --device 'meta' is not a device this project runs on "
+                                                     "(use auto, cpu, cuda, cuda:N or mps)\n"),
+    ]
+    for argv, expected in cases:
+        result = infer_run(*argv, "--image_path", str(photos), save_dir=tmp_path / "out")
+        assert (result.returncode, result.stderr) == (2, expected)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"preprocess_interpolation": "sideways"}, "field 'preprocess.interpolation' must be one of nearest"),
+    ({"preprocess_std": [0.2, -0.1, 0.2]}, "field 'preprocess.std' must be 3 positive numbers"),
+    ({"preprocess_input_size": [60000, 60000]},  # was OOM-killed at 22 GB
+     "field 'preprocess.input_size' must be [height, width], whole numbers from 1 to 4096, got [60000, 60000]"),
+    ({"preprocess_input_size": [0, 32]}, "field 'preprocess.input_size' must be [height, width]"),
+    ({"preprocess": "crop"}, "field 'preprocess' must be a dict, got str"),
+    ({"class_names": "0123456789"}, "field 'class_names' must be a list of class names"),
+    ({"class_names": list(range(10))}, "field 'class_names' must be a list of class names"),
+    ({"class_names": ["0", "1", "1", *DIGITS[3:]]}, "field 'class_names' names 1 more than once"),
+    ({"model": None}, "field 'model' must be a model name, got None"),
+    ({"model_kwargs": ["transform_input"]}, "field 'model_kwargs' must be a dict of names to plain values"),
+    ({"model_kwargs": {"weights": "DEFAULT"}}, "cannot be built: model_kwargs may not set weights"),
+    ({"model_kwargs": {"bogus": 1}}, "cannot be built: model_kwargs {'bogus': 1} do not fit resnet18"),
+])
+def test_malformed_checkpoint_fields(crafted, photos, tmp_path, capsys, changes, message):
+    path = crafted(**changes)
+    err = fatal(["--weights", path, "--image_path", str(photos), "--save_dir", str(tmp_path)], capsys)
+    assert err.startswith(f"error: checkpoint {path}") and message in err
+    assert not list(tmp_path.iterdir())
 
 
 # ---- the pieces, in-process ----------------------------------------------------------------------

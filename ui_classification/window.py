@@ -396,8 +396,13 @@ class ViewerWindow(QMainWindow):
             problem = t("err_missing_folder", path=self.image_dir)
         elif self.save_dir and not os.path.isdir(self.save_dir):
             problem = t("err_missing_save", path=self.save_dir)
-        paths = list_images(self.image_dir) if problem is None else []
-        if problem is None and not paths:
+        unreadable: list[tuple[str, str]] = []  # folders that cannot be listed: named, never skipped in silence
+        paths = list_images(self.image_dir, unreadable=unreadable) if problem is None else []
+        for folder, reason in unreadable:
+            self.log(t("log_unreadable_folder", folder=folder, reason=reason))
+        if problem is None and not paths and unreadable:
+            problem = t("err_unreadable_folder", folder=unreadable[0][0], reason=unreadable[0][1])
+        elif problem is None and not paths:
             problem = t("err_no_images", path=self.image_dir, extensions=" ".join(IMAGE_EXTENSIONS))
         if problem:
             self.show_message(problem)

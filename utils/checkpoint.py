@@ -22,7 +22,7 @@ import pickle
 import random
 import re
 import secrets
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +34,7 @@ import torch.nn as nn
 import torchvision
 
 from utils.errors import UsageError
+from utils.transforms import Preprocess
 
 CHECKPOINT_FORMAT = "pytorch-classification/1"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
@@ -93,7 +94,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read a checkpoint (ours or a bare state_dict) safely; user mistakes raise UsageError.
 
     The result always has a "state_dict"; a bare state_dict comes back as {"state_dict": ...}
-    with no "format" key.
+    with no "format" key. In one of ours the fields the tools read are checked (`check_fields`):
+    a malformed one is a UsageError naming the file and the field.
     """
     path = Path(path)
     if not path.is_file():
@@ -115,7 +117,38 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise UsageError(f"{path} holds neither a pytorch-classification checkpoint nor a state_dict")
     checkpoint = dict(loaded) if state_dict is not loaded else {}
     checkpoint["state_dict"] = strip_wrapper_prefixes(state_dict)
+    if checkpoint.get("format") == CHECKPOINT_FORMAT:
+        try:
+            check_fields(checkpoint)
+        except UsageError as error:
+            raise UsageError(f"checkpoint {path}: {error} (edited or damaged? train.py writes valid ones)") from None
     return checkpoint
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def check_fields(checkpoint: Mapping) -> None:
+    """The fields every tool reads from one of our checkpoints; a malformed one is a UsageError
+    naming it (the caller adds the file). Checked here, in the one reader, so that no tool
+    meets NaN probabilities, a traceback or an out-of-memory kill later."""
+    model = checkpoint.get("model")
+    if not isinstance(model, str) or not model:
+        raise UsageError(f"field 'model' must be a model name, got {model!r}")
+    names = checkpoint.get("class_names")
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+        shown = repr(names) if len(repr(names)) <= 80 else repr(names)[:77] + "..."
+        raise UsageError(f"field 'class_names' must be a list of class names (non-empty strings), got {shown}")
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+    if repeated:
+        raise UsageError(f"field 'class_names' names {', '.join(repeated[:10])} more than once")
+    if "preprocess" not in checkpoint:
+        raise UsageError("field 'preprocess' is missing")
+    Preprocess.from_dict(checkpoint["preprocess"])  # checks each of its fields
+    kwargs = checkpoint.get("model_kwargs")
+    if kwargs is not None and not (isinstance(kwargs, Mapping) and all(
+            isinstance(k, str) and isinstance(v, _PLAIN) for k, v in kwargs.items())):
+        raise UsageError(f"field 'model_kwargs' must be a dict of names to plain values, got {kwargs!r}")
 
 
 def _is_state_dict(obj: object) -> bool:

@@ -11,48 +11,109 @@ may not add one. Every image is read to 3-channel RGB uint8, whatever it was on 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import BinaryIO, Callable, Optional
 
 import cv2
 import numpy as np
 import torch
 from natsort import natsorted
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from utils.errors import UsageError
 from utils.files import IMAGE_EXTENSIONS, VAL_SPLIT_NAMES, is_image_file, list_class_dirs, list_images  # noqa: F401
 
 Sample = tuple[str, int]  # (image path, class index)
 
+# One size limit for every image that is decoded (training's pre-scan, evaluation, infer.py, the
+# viewer), checked on the header before any pixel is decoded. It is Pillow's own refusal threshold
+# (twice Image.MAX_IMAGE_PIXELS: 178,956,970 pixels, e.g. 13,377 x 13,377), which the pre-scan has
+# always applied through Image.open; decoded to RGB such an image takes 537 MB.
+MAX_IMAGE_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+MAX_FILE_BYTES = 8 * MAX_IMAGE_PIXELS  # 16-bit RGBA, uncompressed: no image file at the limit is larger
+# Longer side / shorter side. Beyond this an image is a strip, not a picture: crop mode would keep
+# under 1% of it and letterbox would shrink its short side to a couple of pixels.
+MAX_ASPECT_RATIO = 100
+
 cv2.setNumThreads(1)  # DataLoader workers give the parallelism; OpenCV's own pool would oversubscribe
+# OpenCV prints "[ WARN ...]" / "[ERROR ...]" lines for corrupt files; read_rgb raises ImageReadError
+# for them instead, and the scripts list those files with their reasons.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+# Pillow warns from Image.MAX_IMAGE_PIXELS up to the limit above; such images are accepted on purpose.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageReadError(ValueError):
-    """An image file that neither OpenCV nor Pillow can decode."""
+    """An image file that cannot be read or decoded, or is over the size limits above."""
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """Read any image file to an RGB uint8 array of shape (H, W, 3).
 
-    OpenCV decodes JPEG about 3x faster than Pillow (bench/bench_data.py) and already applies
-    EXIF rotation, drops alpha, expands gray/palette and scales 16-bit to 8-bit. Pillow is the
-    fallback for the rare files OpenCV refuses. Reading the bytes with numpy keeps non-ASCII
-    paths working on every OS (cv2.imread does not on Windows).
+    The size in the header is checked first (`image_size_problem`), so an image over the limits is
+    never decoded. OpenCV decodes JPEG about 3x faster than Pillow (bench/bench_data.py) and
+    already applies EXIF rotation, drops alpha, expands gray/palette and scales 16-bit to 8-bit.
+    Pillow is the fallback for the rare files OpenCV refuses. Reading the bytes with numpy keeps
+    non-ASCII paths working on every OS (cv2.imread does not on Windows).
     """
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        with open(path, "rb") as file:
+            problem = _file_size_problem(os.fstat(file.fileno()).st_size) or _header_problem(file)
+            if problem:
+                raise ImageReadError(f"{path}: {problem}")
+            file.seek(0)
+            data = np.fromfile(file, dtype=np.uint8)
     except OSError as error:
         raise ImageReadError(f"cannot read {path}: {error.strerror or error}") from None
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is not None:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)  # in place: no second copy
     return _read_rgb_with_pillow(path)
+
+
+def _file_size_problem(size: int) -> Optional[str]:
+    if size == 0:
+        return "empty file"
+    if size > MAX_FILE_BYTES:
+        return f"file of {size / 2**30:.1f} GiB, larger than any image within the {MAX_IMAGE_PIXELS:,}-pixel limit"
+    return None
+
+
+def image_size_problem(width: int, height: int) -> Optional[str]:
+    """Why an image of this size is refused (pixel count, aspect ratio), or None."""
+    if width * height > MAX_IMAGE_PIXELS:
+        return (f"too large: {width}x{height} = {width * height:,} pixels, over the limit of "
+                f"{MAX_IMAGE_PIXELS:,} (shrink it first)")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return (f"extreme aspect ratio: {width}x{height}, over {MAX_ASPECT_RATIO}:1 "
+                "(crop or split it into pictures first)")
+    return None
+
+
+def _header_problem(source: str | os.PathLike | BinaryIO, verify: bool = False) -> Optional[str]:
+    """Read only the header with Pillow (lazy: no pixels decoded) and check the size;
+    `verify` also checks the file's structure (Image.verify, still no full decode).
+    An open file given as `source` stays open."""
+    try:
+        with Image.open(source) as image:
+            problem = image_size_problem(*image.size)
+            if verify and problem is None:
+                image.verify()
+    except Image.DecompressionBombError as error:  # Pillow's own check at the same limit: no size given
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        count = f"{int(pixels.group(1)):,} pixels" if pixels else str(error)
+        return f"too large: {count}, over the limit of {MAX_IMAGE_PIXELS:,} (shrink it first)"
+    except UnidentifiedImageError:
+        return "unreadable image (not an image format Pillow recognises)"
+    except Exception as error:  # Pillow raises many types for bad files
+        return f"unreadable image ({type(error).__name__}: {error})"
+    return problem
 
 
 def _read_rgb_with_pillow(path: str | os.PathLike) -> np.ndarray:
@@ -69,15 +130,13 @@ def _read_rgb_with_pillow(path: str | os.PathLike) -> np.ndarray:
 
 
 def check_image(path: str) -> Optional[str]:
-    """Cheap validity check (header + structure, no full decode). Returns the reason or None."""
+    """The pre-scan's cheap check (header, size limits, structure; no full decode): the reason
+    the file is left out, or None."""
     try:
-        if os.path.getsize(path) == 0:
-            return "empty file"
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as error:
-        return f"unreadable image ({type(error).__name__}: {error})"
-    return None
+        problem = _file_size_problem(os.path.getsize(path))
+    except OSError as error:
+        return f"cannot read ({error.strerror or error})"
+    return problem or _header_problem(path, verify=True)
 
 
 def find_unreadable(paths: Sequence[str], threads: int = 8) -> dict[str, str]:
@@ -245,19 +304,31 @@ def _drop_unreadable(scan: DatasetScan) -> None:
         scan.splits[split] = [s for s in samples if s[0] not in bad]
 
 
+UNREADABLE = -1  # label an evaluation dataset gives an image it could not read (evaluate leaves it out)
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """(path, label) samples -> (uint8 CHW tensor after `transform`, label).
 
     Normalisation happens later, batched on the device (utils.transforms.normalize_batch).
-    A file that fails to decode mid-epoch (a scan cannot catch every truncated JPEG) is
-    reported once and replaced by the next readable sample, so an epoch never dies on it.
     With a `cache` (utils.cache, `--cache ram|disk`) images come from it instead of the files.
+
+    A file that fails to decode although it passed the scan (a truncated JPEG, a file changed
+    since) is reported once per worker, then:
+      training (`eval_size` None)  replaced by the next readable image of the same class (of
+                                   another class only when its class has none left), so an
+                                   epoch never dies on it and the class balance stays;
+      evaluation (`eval_size` the (H, W) the transform gives)  returned as a blank image of that
+                                   size labelled UNREADABLE: utils.engine.evaluate leaves it out
+                                   of the metrics and counts it, so no image is counted twice.
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Optional[Callable] = None, cache=None):
+    def __init__(self, samples: Sequence[Sample], transform: Optional[Callable] = None, cache=None,
+                 eval_size: Optional[Sequence[int]] = None):
         self.samples = list(samples)
         self.transform = transform
         self.cache = cache  # utils.cache.ImageCache: .get(index) -> prepared uint8 CHW tensor
+        self.eval_size = list(eval_size) if eval_size is not None else None
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
@@ -271,20 +342,35 @@ class ImageDataset(torch.utils.data.Dataset):
         return torch.from_numpy(array).permute(2, 0, 1)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
+        evaluation = self.eval_size is not None
+        for i in [index] if evaluation else self._substitutes(index):
             if i in self._bad:
                 continue
             try:
                 image = self.load(i)
             except ImageReadError as error:
                 self._bad.add(i)
-                warnings.warn(f"skipping unreadable image: {error}", stacklevel=2)
+                what = "left out of the metrics" if evaluation else "replaced by another image (of its class first)"
+                warnings.warn(f"unreadable image {what}: {error}", stacklevel=2)
                 continue
             if self.transform is not None:
                 image = self.transform(image)
             return image, self.samples[i][1]
+        if evaluation:
+            return torch.zeros(3, *self.eval_size, dtype=torch.uint8), UNREADABLE
         raise ImageReadError("no readable image left in the dataset")
+
+    def _substitutes(self, index: int) -> Iterator[int]:
+        """`index`, then the following samples of its class, then those of the other classes
+        (a generator: the order is only worked out when `index` cannot be read)."""
+        yield index
+        label = self.samples[index][1]
+        yield from (i for i in self._following(index) if self.samples[i][1] == label)  # usually the very next
+        yield from (i for i in self._following(index) if self.samples[i][1] != label)
+
+    def _following(self, index: int) -> Iterator[int]:
+        """The sample indices after `index`, wrapping around, `index` itself excluded."""
+        return ((index + step) % len(self.samples) for step in range(1, len(self.samples)))
 
 
 def available_cores() -> int:

@@ -11,6 +11,8 @@ import torch
 
 from utils.errors import UsageError
 
+SUPPORTED_DEVICE_TYPES = ("cpu", "cuda", "mps")
+
 
 def select_device(name: str = "auto") -> torch.device:
     """`auto` takes CUDA, then Apple MPS, then the CPU; an explicit choice is checked."""
@@ -22,8 +24,10 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in SUPPORTED_DEVICE_TYPES:  # "meta" computes nothing; others untested
+        raise UsageError(f"--device {name!r} is not a device this project runs on (use auto, cpu, cuda, cuda:N or mps)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from utils.data import UNREADABLE
 from utils.distributed import broadcast_buffers, gradient_sync, sum_over_ranks
 from utils.metrics import ClassificationMetrics
 from utils.transforms import Preprocess, normalize_batch
@@ -154,7 +155,8 @@ def evaluate(
     description: str = "val",
     show_progress: bool = True,
 ) -> dict:
-    """Metrics over the whole split (see utils.metrics.ClassificationMetrics.compute).
+    """Metrics over the whole split (see utils.metrics.ClassificationMetrics.compute), plus
+    "unreadable": images the dataset could not read (label utils.data.UNREADABLE), left out.
 
     Under torchrun each rank passes its own shard of the split (utils.distributed.ShardSampler)
     and compute() sums the counts of all ranks, so every rank gets the split-wide numbers.
@@ -164,10 +166,19 @@ def evaluate(
     broadcast_buffers(model)  # under torchrun: every rank evaluates rank 0's model, the one saved
     model.eval()
     metrics = ClassificationMetrics(num_classes, settings.device)
+    unreadable = 0
     for images, targets in progress_bar(loader, description, show_progress):
+        readable = targets != UNREADABLE  # still on the CPU: masking costs no device sync
+        if not readable.all():
+            unreadable += int((~readable).sum())
+            images, targets = images[readable], targets[readable]
+            if not len(targets):
+                continue
         images, targets = settings.prepare(images, targets)
         with settings.autocast():
             logits = model(images)
         logits = logits.float()
         metrics.update(logits, targets, criterion(logits, targets))
-    return metrics.compute()
+    result = metrics.compute()
+    result["unreadable"] = int(sum_over_ranks([unreadable], settings.device)[0])
+    return result

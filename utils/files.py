@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Optional
 
 from natsort import natsorted
 
@@ -19,10 +20,22 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[str]:
-    """Image files under `folder` (hidden files and folders skipped), in natural order."""
+def list_images(folder: str | os.PathLike, recursive: bool = True,
+                unreadable: Optional[list[tuple[str, str]]] = None) -> list[str]:
+    """Image files under `folder` (hidden files and folders skipped), in natural order.
+
+    A folder that cannot be listed (permission denied, I/O error) is never skipped in silence:
+    it raises a UsageError naming it and the OS error, or, when `unreadable` is a list, is
+    appended there as (folder, reason) while the rest is still listed.
+    """
+    def cannot_list(error: OSError) -> None:
+        where, reason = str(error.filename or folder), error.strerror or str(error)
+        if unreadable is None:
+            raise UsageError(f"cannot list folder {where}: {reason}")
+        unreadable.append((where, reason))
+
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=cannot_list):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f))
         if not recursive:
@@ -31,8 +44,12 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[str]:
 
 
 def list_class_dirs(folder: str | os.PathLike) -> list[str]:
-    """Names of the visible sub-folders of `folder`, in natural order."""
-    return natsorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    """Names of the visible sub-folders of `folder`, in natural order; UsageError if it cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            return natsorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    except OSError as error:
+        raise UsageError(f"cannot list folder {folder}: {error.strerror or error}") from None
 
 
 def unique_path(folder: str | os.PathLike, name: str) -> str:

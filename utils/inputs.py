@@ -33,6 +33,7 @@ class ImageInputs:
     single: bool = False  # one image file named directly
     folder: Optional[str] = None  # set when the only input is one folder (it may be a labelled tree)
     sources: list[str] = field(default_factory=list)  # the --image_path values, as given
+    unreadable_folders: list[tuple[str, str]] = field(default_factory=list)  # (folder, OS error): not searched
 
 
 @dataclass
@@ -44,22 +45,31 @@ class Labels:
 
 
 def resolve_inputs(specs: Sequence[str]) -> ImageInputs:
-    """Expand every --image_path value; a value that finds nothing is a UsageError naming it."""
+    """Expand every --image_path value; a value that finds nothing is a UsageError naming it.
+
+    Sub-folders that cannot be listed (permission denied...) are kept in `unreadable_folders`
+    for the caller to report; the images found elsewhere are still predicted.
+    """
     if not specs:
         raise UsageError("--image_path is required: an image, a folder, a glob such as 'photos/*.jpg', or a .txt list")
     paths: list[str] = []
+    unreadable: list[tuple[str, str]] = []
     for spec in specs:
-        paths.extend(_expand(spec))
+        paths.extend(_expand(spec, unreadable))
     unique = list(dict.fromkeys(paths))  # keeps the first occurrence: output order is input order
     only = specs[0] if len(specs) == 1 else None
     single = only is not None and os.path.isfile(only) and not _is_list_file(only)
     folder = only if only is not None and os.path.isdir(only) else None
-    return ImageInputs(unique, single=single, folder=folder, sources=list(specs))
+    return ImageInputs(unique, single=single, folder=folder, sources=list(specs), unreadable_folders=unreadable)
 
 
-def _expand(spec: str) -> list[str]:
+def _expand(spec: str, unreadable: list[tuple[str, str]]) -> list[str]:
     if os.path.isdir(spec):
-        found = list_images(spec)
+        before = len(unreadable)
+        found = list_images(spec, unreadable=unreadable)
+        if not found and len(unreadable) > before:
+            where, reason = unreadable[before]
+            raise UsageError(f"--image_path {spec}: cannot list folder {where}: {reason}")
         if not found:
             raise UsageError(f"--image_path {spec} holds no image files ({' '.join(IMAGE_EXTENSIONS)}), "
                              "also searched in sub-folders")
@@ -67,15 +77,15 @@ def _expand(spec: str) -> list[str]:
     if os.path.isfile(spec):
         return read_list_file(spec) if _is_list_file(spec) else [spec]
     if any(char in spec for char in _GLOB_CHARS):
-        return _expand_glob(spec)
+        return _expand_glob(spec, unreadable)
     raise UsageError(f"--image_path {spec} does not exist")
 
 
-def _expand_glob(pattern: str) -> list[str]:
+def _expand_glob(pattern: str, unreadable: list[tuple[str, str]]) -> list[str]:
     found: list[str] = []
     for match in natsorted(glob.glob(pattern, recursive=True)):
         if os.path.isdir(match):
-            found.extend(list_images(match))
+            found.extend(list_images(match, unreadable=unreadable))
         elif is_image_file(match):
             found.append(match)
     if not found:

@@ -109,13 +109,15 @@ def write_per_class_csv(rows: list[dict], path: str | os.PathLike) -> None:
 
 
 def format_metrics(metrics: dict, prefix: str = "") -> str:
-    """'loss 0.1234  top1 98.10%  f1 0.9790' style one-liner."""
+    """'loss 0.1234  top1 98.10%  f1 0.9790' style one-liner (and how many images were unreadable)."""
     parts = []
     for name in METRIC_NAMES:
         if name not in metrics:
             continue
         value = metrics[name]
         parts.append(f"{prefix}{name} {value * 100:.2f}%" if name.startswith("top") else f"{prefix}{name} {value:.4f}")
+    if metrics.get("unreadable"):  # from utils.engine.evaluate: images that failed to decode, not counted
+        parts.append(f"({metrics['unreadable']} unreadable image(s) left out)")
     return "  ".join(parts)
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from models.registry import check_model_name, create_model
-from utils.checkpoint import load_checkpoint, load_model_weights
+from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_model_weights
 from utils.data import ImageReadError, available_cores, create_dataloader, default_workers, read_rgb
 from utils.device import amp_dtype, describe_device, select_device
 from utils.errors import UsageError
@@ -81,26 +81,29 @@ class Predictor:
 
         channels_last None: on where it is faster (see `prefers_channels_last`).
         """
-        checkpoint = load_checkpoint(path)
-        if "format" in checkpoint:
+        target = select_device(device)  # a wrong --device fails before the checkpoint loads
+        checkpoint = load_checkpoint(path)  # checks the fields read below (utils.checkpoint.check_fields)
+        if checkpoint.get("format") == CHECKPOINT_FORMAT:
             model_name = checkpoint["model"]
             class_names = _checked_renaming(list(checkpoint["class_names"]), class_names, path)
             preprocess = Preprocess.from_dict(checkpoint["preprocess"])
             model_kwargs = checkpoint.get("model_kwargs") or {}
+            try:
+                model = create_model(model_name, len(class_names), tuple(preprocess.input_size), **model_kwargs)
+            except UsageError as error:  # the stored model, input size or model_kwargs: the file's fault
+                raise UsageError(f"checkpoint {path} holds a model that cannot be built: {error}") from None
         else:
             if not model_name or not class_names:
                 raise UsageError(f"{path} is a bare state_dict: also give --model and --categories (class names "
                                  "in output order), and --input_shape if it is not 224")
             check_model_name(model_name)
             preprocess = Preprocess(input_size=parse_input_shape(input_shape or [224]))
-            model_kwargs = {}
-        model = create_model(model_name, len(class_names), tuple(preprocess.input_size), **model_kwargs)
+            model = create_model(model_name, len(class_names), tuple(preprocess.input_size))
         _check_head_size(model, checkpoint["state_dict"], len(class_names), path)
         try:
             load_model_weights(model, checkpoint["state_dict"], path)
         except UsageError as error:
             raise UsageError(f"{error}; it was built for {len(class_names)} classes ({model_name})") from None
-        target = select_device(device)
         if channels_last is None:
             channels_last = prefers_channels_last(model_name, target)
         predictor = cls(model, model_name, list(class_names), preprocess, target, amp, channels_last)

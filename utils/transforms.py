@@ -12,9 +12,10 @@ A `Preprocess` (stored in every checkpoint) says how an RGB uint8 image becomes 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torchvision.transforms.v2 as T
@@ -25,8 +26,13 @@ from utils.errors import UsageError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_MODES = ("crop", "letterbox", "stretch")
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")  # what resizing uint8 tensors supports
 AUGMENTS = ("none", "basic", "randaugment", "trivialaugment")
 TRAIN_CACHE_MARGIN = 1.25  # cached training images keep 25% more than the input size (see build_cache_transform)
+MAX_INPUT_SIDE = 4096  # a model input side beyond this is a mistake: 64 images of 4096^2 take 12 GiB as floats
+# Crop mode enlarges the short side to the input size; an extreme strip would then grow to millions
+# of pixels along its long side. No side of that intermediate image exceeds this many input sides.
+MAX_RESIZE_FACTOR = 4
 
 
 @dataclass
@@ -44,15 +50,48 @@ class Preprocess:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> Preprocess:
-        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+    def from_dict(cls, values: Mapping) -> Preprocess:
+        """The stored record (a checkpoint's "preprocess"), every field checked: a malformed one
+        is a UsageError naming it (std 0 would give NaN probabilities, a huge input_size an
+        out-of-memory kill). Missing fields take the defaults; unknown ones are ignored."""
+        if not isinstance(values, Mapping):
+            raise UsageError(f"field 'preprocess' must be a dict, got {type(values).__name__}")
+        known = {name: value for name, value in values.items() if name in cls.__dataclass_fields__}
+        for name, value in known.items():
+            problem = _field_problem(name, value)
+            if problem:
+                raise UsageError(f"field 'preprocess.{name}' must be {problem}, got {value!r}")
+        return cls(**{name: list(v) if isinstance(v, (list, tuple)) else v for name, v in known.items()})
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _numbers(value: object, count: int) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == count and all(_is_number(v) for v in value)
+
+
+def _field_problem(name: str, value: object) -> Optional[str]:
+    """What stored preprocess field `name` must be, when `value` is not that; None when it is fine."""
+    if name == "input_size":
+        fine = _numbers(value, 2) and all(isinstance(side, int) and 1 <= side <= MAX_INPUT_SIDE for side in value)
+        return None if fine else f"[height, width], whole numbers from 1 to {MAX_INPUT_SIDE}"
+    if name == "crop_pct":
+        return None if _is_number(value) and 0 < value <= 1 else "a number above 0 and at most 1"
+    if name == "mean":
+        return None if _numbers(value, 3) else "3 numbers (one per RGB channel)"
+    if name == "std":
+        return None if _numbers(value, 3) and min(value) > 0 else "3 positive numbers (one per RGB channel)"
+    choices = {"resize_mode": RESIZE_MODES, "interpolation": INTERPOLATIONS}[name]
+    return None if isinstance(value, str) and value in choices else f"one of {', '.join(choices)}"
 
 
 def parse_input_shape(values: Sequence[int]) -> list[int]:
     """`--input_shape 224` -> [224, 224]; `--input_shape 224 160` -> [224, 160] (H, W)."""
-    if len(values) not in (1, 2) or min(values) < 1:
-        raise UsageError(f"--input_shape takes one or two positive sizes (H [W]), got {' '.join(map(str, values))}")
+    if len(values) not in (1, 2) or min(values) < 1 or max(values) > MAX_INPUT_SIDE:
+        raise UsageError(f"--input_shape takes one or two sizes from 1 to {MAX_INPUT_SIDE} (H [W]), "
+                         f"got {' '.join(map(str, values))}")
     return [values[0], values[0]] if len(values) == 1 else list(values)
 
 
@@ -61,17 +100,35 @@ def _interpolation(name: str) -> T.InterpolationMode:
 
 
 class ResizeCover(torch.nn.Module):
-    """Resize keeping aspect ratio so the image covers `size` / `crop_pct`; then centre crop."""
+    """Resize keeping aspect ratio so the image covers `size` / `crop_pct`; then centre crop.
+
+    Only the centre of a long image survives the crop, so where resizing all of it would make a
+    side longer than MAX_RESIZE_FACTOR input sides, the part the crop never reaches is cut off
+    first (`working_region`): a 1 x 20000 strip resizes 4 x 1 source pixels, not all 20000.
+    """
 
     def __init__(self, size: Sequence[int], crop_pct: float, interpolation: T.InterpolationMode):
         super().__init__()
         self.size, self.crop_pct, self.interpolation = list(size), crop_pct, interpolation
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        height, width = image.shape[-2:]
+    def working_region(self, height: int, width: int) -> tuple[list[int], list[int]]:
+        """([source H, W] kept around the centre, [H, W] it is resized to before the centre crop)."""
         scale = max(self.size[0] / height, self.size[1] / width) / self.crop_pct
-        new_size = [max(self.size[0], round(height * scale)), max(self.size[1], round(width * scale))]
-        image = F.resize(image, new_size, interpolation=self.interpolation, antialias=True)
+        kept, resized = [], []
+        for side, target in zip((height, width), self.size):
+            limit = MAX_RESIZE_FACTOR * target
+            keep = side if round(side * scale) <= limit else min(side, math.ceil(limit / scale))
+            if (side - keep) % 2:  # the same parity as the side keeps the cut exactly centred
+                keep += 1 if keep == 1 else -1  # down: still 3+ input sides, well beyond the crop
+            kept.append(keep)
+            resized.append(max(target, round(keep * scale)))
+        return kept, resized
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        kept, resized = self.working_region(*image.shape[-2:])
+        if kept != list(image.shape[-2:]):
+            image = F.center_crop(image, kept)
+        image = F.resize(image, resized, interpolation=self.interpolation, antialias=True)
         return F.center_crop(image, self.size)
 
 
