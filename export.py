@@ -59,7 +59,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     bare.add_argument("--categories", nargs="+", default=None, metavar="NAME",
                       help="class names in output order, space- or comma-separated: daisy dandelion / daisy,dandelion")
     bare.add_argument("--input_shape", "--input-shape", type=int, nargs="+", default=None, metavar="SIZE",
-                      help="model input H [W]; default 224")
+                      help="model input H [W] of a bare state_dict; default 224")
     return parser
 
 

@@ -23,18 +23,19 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
+from inference.inputs import ImageInputs, Labels, find_labels, resolve_inputs
+
 # Only torch-free modules at the top: the flags and --image_path are checked before torch loads
 # (seconds), so a typo fails at once. The functions below import what they need.
 from utils.cli import run_cli
 from utils.errors import UsageError
 from utils.files import check_output_dir
-from utils.inputs import ImageInputs, Labels, find_labels, resolve_inputs
 
 if TYPE_CHECKING:
     import numpy as np
     from tqdm import tqdm
 
-    from utils.predict import PredictionBatch, Predictions, Predictor
+    from inference.predictor import PredictionBatch, Predictions, Predictor
 
 MAX_LISTED = 20  # unreadable files printed to the console; all of them are in the output files
 ANNOTATED_MIN_SIDE = 320  # a single image smaller than this is enlarged so its label is readable
@@ -53,7 +54,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     bare.add_argument("--categories", nargs="+", default=None, metavar="NAME",
                       help="class names in output order, space- or comma-separated: daisy dandelion / daisy,dandelion")
     bare.add_argument("--input_shape", "--input-shape", type=int, nargs="+", default=None, metavar="SIZE",
-                      help="model input H [W]; default 224")
+                      help="model input H [W] of a bare state_dict; default 224")
     speed = parser.add_argument_group("speed")
     speed.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; default %(default)s")
     speed.add_argument("--batch_size", "--batch-size", type=int, default=64, help="images per forward pass; default %(default)s")
@@ -106,7 +107,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     else:
         report_many(results, metrics, seconds, args.batch_size, workers)
         draw_safely(save_grids, results, run_dir, args.num_show, args.seed, args.show)
-    from utils.results import output_listing
+    from inference.results import output_listing
 
     print(f"Results in {run_dir}:\n{output_listing(run_dir)}")
     readable = int(results.readable.sum())
@@ -117,7 +118,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 def load_predictor(args: argparse.Namespace) -> Predictor:
-    from utils.predict import Predictor, parse_categories
+    from inference.predictor import Predictor, parse_categories
 
     return Predictor.from_checkpoint(args.weights, args.device, model_name=args.model,
                                      class_names=parse_categories(args.categories),
@@ -156,7 +157,7 @@ def predict(predictor: Predictor, inputs: ImageInputs, labels: Optional[Labels],
     """All images through the batched DataLoader path; returns (Predictions, seconds, workers)."""
     from tqdm import tqdm
 
-    from utils.predict import Predictions, inference_workers
+    from inference.predictor import Predictions, inference_workers
 
     workers = args.workers if args.workers is not None else inference_workers(len(inputs.paths), predictor.device)
     workers = min(workers, len(inputs.paths))
@@ -178,10 +179,10 @@ def _counted(batches: Iterable[PredictionBatch], bar: tqdm) -> Iterator[Predicti
 def write_outputs(results: Predictions, metrics: Optional[dict], inputs: ImageInputs, predictor: Predictor,
                   args: argparse.Namespace) -> Path:
     """predictions.txt/.csv/.json, and for a labelled tree the metrics files."""
+    from inference.results import write_csv, write_json_report, write_misclassified, write_txt
     from utils.checkpoint import timestamp
     from utils.logger import new_run_dir
     from utils.metrics import per_class_rows, plot_confusion_matrix, write_per_class_csv
-    from utils.results import write_csv, write_json_report, write_misclassified, write_txt
 
     run_dir = new_run_dir(args.save_dir, predictor.model_name, subdirs=(), flag="--save_dir")
     write_txt(results, run_dir / "predictions.txt")

@@ -91,6 +91,7 @@ from utils.metrics import (
 from utils.optim import OPTIMIZERS, SCHEDULES, create_optimizer, create_scheduler, restore_schedule
 from utils.transforms import (
     AUGMENTS,
+    DEFAULT_INPUT_SIDE,
     RESIZE_MODES,
     Preprocess,
     build_eval_transform,
@@ -123,7 +124,7 @@ def add_data_args(data: argparse._ArgumentGroup) -> None:
     data.add_argument("--test_ratio", "--test-ratio", type=float, default=0.0,
                       help="with --val_ratio: this share goes to a test split")
     data.add_argument("--input_shape", "--input-shape", type=int, nargs="+", default=None, metavar="SIZE",
-                      help="model input H [W]; default 224 (32 for the digits demo)")
+                      help=f"model input H [W]; default {DEFAULT_INPUT_SIDE} (32 for the digits demo)")
     data.add_argument("--resize_mode", "--resize-mode", choices=RESIZE_MODES, default="crop",
                       help="crop: resize + centre crop; letterbox: keep aspect ratio and pad; stretch: resize to shape")
     data.add_argument("--augment", choices=AUGMENTS, default="basic",

@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from inference.predictor import Predictions, Predictor, inference_workers  # noqa: E402
 from models.registry import create_model  # noqa: E402
 from utils.checkpoint import CHECKPOINT_FORMAT, save_checkpoint  # noqa: E402
 from utils.data import read_rgb  # noqa: E402
-from utils.predict import Predictions, Predictor, inference_workers  # noqa: E402
 from utils.transforms import Preprocess  # noqa: E402
 from utils.visualize import save_rgb  # noqa: E402
 

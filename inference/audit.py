@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from inference.predictor import inference_workers
 from models.pretrained import head_parameter_names
 from models.registry import check_input_size, create_model
 from utils.checkpoint import load_checkpoint, load_model_weights
@@ -48,7 +49,6 @@ from utils.image_hash import (
     search_duplicates,
 )
 from utils.optim import create_optimizer, create_scheduler
-from utils.predict import inference_workers
 from utils.transforms import Preprocess, build_eval_transform, build_train_transform
 
 UNSPLIT = "all"  # the split column of an unsplit DATASET/<class>/ tree

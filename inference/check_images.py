@@ -4,7 +4,7 @@ Preference: --check_images DIR (a labelled tree <class>/<images> gives accuracy 
 validation split of the dataset named in the checkpoint's training args, when it is still there;
 else generated images (smooth colour fields with noise), which prove the arithmetic but not the
 behaviour on real photos. At most `limit` images, spread evenly over the sorted list so every
-class folder counts; each is read and resized exactly as infer.py does (utils.predict.PathDataset).
+class folder counts; each is read and resized exactly as infer.py does (inference.predictor.PathDataset).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from inference.inputs import ImageInputs, find_labels
 from utils.data import scan_dataset
 from utils.errors import UsageError
 from utils.files import IMAGE_EXTENSIONS, list_images
-from utils.inputs import ImageInputs, find_labels
 from utils.transforms import Preprocess
 
 DEFAULT_LIMIT = 200  # enough to see a disagreement, few enough to check a big model in seconds
@@ -106,7 +106,7 @@ def _dataset_images(train_args: dict, class_names: Sequence[str],
 
 def read_resized(paths: Sequence[str], preprocess: Preprocess) -> tuple[torch.Tensor, list[str]]:
     """uint8 [N, 3, H, W] read and resized as infer.py does; errors[i] is "" where image i was read."""
-    from utils.predict import PathDataset  # infer.py's reader + resize: the same pixels as a prediction
+    from inference.predictor import PathDataset  # infer.py's reader + resize: the same pixels as a prediction
 
     dataset = PathDataset(paths, preprocess)
     items = [dataset[i] for i in range(len(dataset))]

@@ -100,7 +100,10 @@ def load_source(path: str | os.PathLike, model_name: Optional[str] = None,
                 categories: Optional[Sequence[str]] = None,
                 input_shape: Optional[Sequence[int]] = None) -> ExportSource:
     """Our checkpoint, or a bare state_dict with model name, class names and input size given."""
-    from utils.predict import Predictor, parse_categories  # the one checkpoint -> model path (bare ones too)
+    from inference.predictor import (  # the one checkpoint -> model path (bare ones too)
+        Predictor,
+        parse_categories,
+    )
 
     predictor = Predictor.from_checkpoint(str(path), "cpu", model_name=model_name,
                                           class_names=parse_categories(categories),

@@ -5,7 +5,7 @@
     probs = model.predict_uint8(batch)        # uint8 [N, 3, H, W], resized by model.preprocess -> float32 [N, C]
     probs = model.predict_arrays([rgb, ...])  # RGB uint8 (H, W, 3) of any size: resized here first
 
-It takes the same uint8 batch as utils.predict.Predictor.predict_batch and returns the same
+It takes the same uint8 batch as inference.predictor.Predictor.predict_batch and returns the same
 probabilities (as numpy), so infer.py and the viewer can run either backend. The file layout is
 described in inference/export.py and docs/export.md.
 """

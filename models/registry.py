@@ -21,6 +21,7 @@ import torchvision
 from natsort import natsorted
 
 from utils.errors import UsageError
+from utils.transforms import DEFAULT_INPUT_SIDE
 
 # Smallest square input each family accepts, found by a forward pass (tests/test_models.py
 # runs every entry at this size). Families not listed work from 16 pixels. ViT needs one patch
@@ -52,7 +53,7 @@ def min_input_size(name: str) -> int:
     return _MIN_INPUT.get(_family(name), 16)
 
 
-def _build(name: str, num_classes: int, input_size: tuple[int, int] = (224, 224), **extra) -> nn.Module:
+def _build(name: str, num_classes: int, input_size: tuple[int, int] = (DEFAULT_INPUT_SIDE, DEFAULT_INPUT_SIDE), **extra) -> nn.Module:
     kwargs: dict = {"weights": None, "num_classes": num_classes, **extra}
     if name in _AUX_LOGIT_MODELS:
         kwargs.update(aux_logits=True, init_weights=True)  # explicit: silences torchvision's warning
@@ -96,7 +97,7 @@ def check_input_size(name: str, input_size: tuple[int, int]) -> None:
         raise UsageError(f"{name} needs an --input_shape made of multiples of 224, got {height} {width}")
 
 
-def create_model(name: str, num_classes: int, input_size: tuple[int, int] = (224, 224), **model_kwargs) -> nn.Module:
+def create_model(name: str, num_classes: int, input_size: tuple[int, int] = (DEFAULT_INPUT_SIDE, DEFAULT_INPUT_SIDE), **model_kwargs) -> nn.Module:
     """Build registry model `name` with a fresh `num_classes` head for inputs of `input_size`.
 
     `model_kwargs` go to the torchvision builder (the checkpoint keeps them, e.g. the

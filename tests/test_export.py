@@ -28,13 +28,13 @@ import export
 import inference.export
 from inference.export import METADATA_KEYS, load_torchscript
 from inference.onnx_model import OnnxModel
+from inference.predictor import Predictor
 from models.pretrained import sha256_file
 from models.registry import create_model
 from utils.checkpoint import CHECKPOINT_FORMAT, save_checkpoint, timestamp, versions
 from utils.cli import run_cli
 from utils.data import read_rgb
 from utils.files import list_images
-from utils.predict import Predictor
 from utils.transforms import Preprocess, build_eval_transform, normalize_batch
 
 CLASSES = {"blue": 4, "green": 4, "red": 4}  # natural order, as train.py lists class folders

@@ -21,12 +21,12 @@ import torch
 from conftest import REPO, run_script, run_script_with_permissions, write_blank_png, write_image
 
 import infer
+from inference.inputs import find_labels, resolve_inputs
+from inference.predictor import Predictor, parse_categories
+from inference.results import TXT_RULE
 from utils.cli import run_cli
 from utils.data import read_rgb
 from utils.errors import UsageError
-from utils.inputs import find_labels, resolve_inputs
-from utils.predict import Predictor, parse_categories
-from utils.results import TXT_RULE
 from utils.visualize import CORRECT, WRONG
 
 DIGITS = [str(d) for d in range(10)]

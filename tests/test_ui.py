@@ -20,12 +20,12 @@ from conftest import REPO, run_script
 from PyQt5.QtCore import Qt, QTimer
 from PyQt5.QtWidgets import QApplication, QMessageBox
 
+from inference.predictor import Predictor
 from ui_classification.results import LOG_FILE, PREDICTIONS_CSV
 from ui_classification.strings import TEXT, Text
 from ui_classification.window import ViewerOptions, ViewerWindow
 from utils.files import list_images
 from utils.metrics import ClassificationMetrics
-from utils.predict import Predictor
 
 # The README's screenshot is refreshed only on request (UPDATE_SCREENSHOT=1), so a test run never
 # rewrites a tracked file; otherwise the screenshot goes to the test's temporary folder.

@@ -16,10 +16,10 @@ from typing import Optional
 
 import torch
 
+from inference.predictor import PredictionBatch, topk
 from ui_classification.strings import Text
 from utils.files import unique_path
 from utils.metrics import ClassificationMetrics, format_metrics
-from utils.predict import PredictionBatch, topk
 
 PREDICTIONS_CSV = "predictions.csv"
 LOG_FILE = "viewer_log.txt"

@@ -14,12 +14,12 @@ from typing import Optional
 
 from PyQt5.QtCore import QObject, pyqtSignal, pyqtSlot
 
+from inference.predictor import PredictionBatch, Predictor
 from ui_classification.annotate import annotate, save_annotated
 from ui_classification.results import ImagePrediction, predictions_from_batch
 from ui_classification.strings import Text
 from utils.data import ImageReadError, read_rgb
 from utils.errors import UsageError
-from utils.predict import PredictionBatch, Predictor
 
 TOP_K = 5
 PAUSE_POLL_SECONDS = 0.05

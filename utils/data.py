@@ -27,7 +27,7 @@ from natsort import natsorted
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from utils.errors import UsageError
-from utils.files import IMAGE_EXTENSIONS, VAL_SPLIT_NAMES, is_image_file, list_class_dirs, list_images  # noqa: F401
+from utils.files import VAL_SPLIT_NAMES, list_class_dirs, list_images
 
 Sample = tuple[str, int]  # (image path, class index)
 

@@ -60,7 +60,7 @@ def _skip_reason(name: str) -> str:
 
 
 def scan_source(src: str | os.PathLike) -> SourceScan:
-    """Find SRC/<class>/**/<image>; same image rule as training (utils.data.is_image_file).
+    """Find SRC/<class>/**/<image>; same image rule as training (utils.files.is_image_file).
 
     A folder that cannot be read (permission denied, ...) is a UsageError naming it: skipping
     it would quietly leave its images out of the split.

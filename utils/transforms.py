@@ -29,6 +29,7 @@ RESIZE_MODES = ("crop", "letterbox", "stretch")
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")  # what resizing uint8 tensors supports
 AUGMENTS = ("none", "basic", "randaugment", "trivialaugment")
 TRAIN_CACHE_MARGIN = 1.25  # cached training images keep 25% more than the input size (see build_cache_transform)
+DEFAULT_INPUT_SIDE = 224  # the one default input size (train.py, infer.py, export.py, the registry)
 MAX_INPUT_SIDE = 4096  # a model input side beyond this is a mistake: 64 images of 4096^2 take 12 GiB as floats
 # Crop mode enlarges the short side to the input size; an extreme strip would then grow to millions
 # of pixels along its long side. No side of that intermediate image exceeds this many input sides.
@@ -39,7 +40,7 @@ MAX_RESIZE_FACTOR = 4
 class Preprocess:
     """How to turn an image into model input; saved as a plain dict in the checkpoint."""
 
-    input_size: list[int] = field(default_factory=lambda: [224, 224])  # [H, W]
+    input_size: list[int] = field(default_factory=lambda: [DEFAULT_INPUT_SIDE, DEFAULT_INPUT_SIDE])  # [H, W]
     resize_mode: str = "crop"
     crop_pct: float = 0.875  # crop mode: the centre crop keeps this fraction of the resized side
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))

@@ -21,9 +21,9 @@ from typing import Optional
 
 import torch
 
+from inference.predictor import Predictions
 from utils.logger import write_json
 from utils.metrics import per_class_rows
-from utils.predict import Predictions
 
 TXT_RULE = "-" * 50
 UNREADABLE = "(unreadable)"

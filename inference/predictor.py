@@ -26,7 +26,13 @@ from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_model_weig
 from utils.data import ImageReadError, available_cores, create_dataloader, default_workers, read_rgb
 from utils.device import amp_dtype, describe_device, select_device
 from utils.errors import UsageError
-from utils.transforms import Preprocess, build_eval_transform, normalize_batch, parse_input_shape
+from utils.transforms import (
+    DEFAULT_INPUT_SIDE,
+    Preprocess,
+    build_eval_transform,
+    normalize_batch,
+    parse_input_shape,
+)
 
 _NCHW_PREFERRED = ("vit_", "swin_", "maxvit", "convnext")  # models that channels_last does not speed up
 _INFO_KEYS = ("format", "epoch", "metrics", "created", "pretrained")  # kept from the checkpoint for display
@@ -95,9 +101,9 @@ class Predictor:
         else:
             if not model_name or not class_names:
                 raise UsageError(f"{path} is a bare state_dict: also give --model and --categories (class names "
-                                 "in output order), and --input_shape if it is not 224")
+                                 f"in output order), and --input_shape if it is not {DEFAULT_INPUT_SIDE}")
             check_model_name(model_name)
-            preprocess = Preprocess(input_size=parse_input_shape(input_shape or [224]))
+            preprocess = Preprocess(input_size=parse_input_shape(input_shape)) if input_shape else Preprocess()
             model = create_model(model_name, len(class_names), tuple(preprocess.input_size))
         _check_head_size(model, checkpoint["state_dict"], len(class_names), path)
         try:
