@@ -1,13 +1,14 @@
-"""What a viewer run produces, without Qt: per-image predictions, live metrics, the exported files.
+"""What a viewer run produces, without Qt: per-image results, live metrics, the recorded files.
 
-The metrics are `utils.metrics.ClassificationMetrics`, the code training and infer.py use, fed
-only with images whose parent folder is named after one of the checkpoint's classes.
+One labelling rule and one file format with infer.py: an image's true class comes from
+inference.inputs.find_labels (the chosen folder laid out as <class>/<images>, every first-level
+folder a class of the checkpoint), and Record writes predictions.csv with infer.py's own writer
+(inference.results.write_csv). The metrics are utils.metrics.ClassificationMetrics, the code
+training and infer.py use.
 """
 
 from __future__ import annotations
 
-import csv
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,24 +17,27 @@ from typing import Optional
 
 import torch
 
-from inference.predictor import PredictionBatch, topk
+from inference.inputs import ImageInputs, find_labels
+from inference.predictor import PredictionBatch, Predictions, topk
+from inference.results import write_csv
 from ui_classification.strings import Text
 from utils.files import unique_path
-from utils.metrics import ClassificationMetrics, format_metrics
+from utils.metrics import ClassificationMetrics, format_metrics, per_class_rows
 
 PREDICTIONS_CSV = "predictions.csv"
 LOG_FILE = "viewer_log.txt"
-CSV_FIELDS = ("path", "prediction", "probability", "true_class")
+TOP_K = 5
 
 
 @dataclass
 class ImagePrediction:
-    """One classified image. `error` is set (and `probabilities` NaN) when it could not be read."""
+    """One classified image as the window shows it (a row of inference.predictor.Predictions).
+    `error` is set (and `probabilities` NaN) when it could not be read."""
 
     path: str
     probabilities: torch.Tensor  # (C,)
     top: list[tuple[str, float]]  # the k most probable (class name, probability)
-    true_index: Optional[int]  # None when the parent folder is not a class name
+    true_index: Optional[int]  # None when the folder is not a labelled tree
     error: str = ""
     saved_path: str = ""  # the annotated copy, when a save folder was set
 
@@ -50,18 +54,26 @@ class ImagePrediction:
         return None if self.true_index is None else self.true_index == self.predicted_index
 
 
-def true_class_index(path: str, class_names: Sequence[str]) -> Optional[int]:
-    """The class an image belongs to by its parent folder's name, if that is a class."""
-    parent = Path(path).parent.name
-    return class_names.index(parent) if parent in class_names else None
+def folder_labels(folder: str, paths: Sequence[str], class_names: Sequence[str]) -> tuple[Optional[dict], Optional[str]]:
+    """({path: true class index}, None) for a labelled tree, else (None, why not or None): infer.py's rule."""
+    labels, why = find_labels(ImageInputs(list(paths), folder=folder), class_names)
+    return (dict(zip(paths, labels.indices)) if labels else None), why
 
 
-def predictions_from_batch(batch: PredictionBatch, class_names: Sequence[str], k: int = 5) -> list[ImagePrediction]:
+def predictions_from_batch(batch: PredictionBatch, class_names: Sequence[str], labels: Optional[dict],
+                           k: int = TOP_K) -> list[ImagePrediction]:
     tops = topk(torch.nan_to_num(batch.probs, nan=0.0), class_names, k)
     return [
-        ImagePrediction(path, probs, top, true_class_index(path, class_names), error)
+        ImagePrediction(path, probs, top, labels.get(path) if labels else None, error)
         for path, probs, top, error in zip(batch.paths, batch.probs, tops, batch.errors)
     ]
+
+
+def as_predictions(items: Sequence[ImagePrediction], class_names: Sequence[str], labelled: bool) -> Predictions:
+    """The run as the column-wise Predictions infer.py writes its files from."""
+    probs = torch.stack([item.probabilities for item in items]) if items else torch.empty(0, len(class_names))
+    labels = torch.tensor([item.true_index for item in items], dtype=torch.long) if labelled and items else None
+    return Predictions([item.path for item in items], probs, [item.error for item in items], list(class_names), labels)
 
 
 class LiveMetrics:
@@ -94,13 +106,9 @@ class LiveMetrics:
     def images_per_second(self) -> float:
         return self.total / self.elapsed if self.elapsed > 0 else 0.0
 
-    def per_class(self) -> list[tuple[str, int, int, int]]:
-        """(class, true count, predicted count, correct) from the confusion matrix."""
-        if self.values is None:
-            return []
-        confusion = self.values["confusion"]
-        true, predicted, correct = confusion.sum(1).tolist(), confusion.sum(0).tolist(), confusion.diag().tolist()
-        return list(zip(self.class_names, true, predicted, correct))
+    def per_class(self) -> list[dict]:
+        """utils.metrics.per_class_rows: precision, recall, F1 and support per class, as in training."""
+        return per_class_rows(self.values["confusion"], self.class_names) if self.values else []
 
     def summary(self) -> str:
         """The metrics in the one-line format train.py and infer.py print."""
@@ -120,29 +128,23 @@ class LiveMetrics:
         lines.append(text("speed", value=self.images_per_second))
         rows = self.per_class()
         if rows:
-            header = [text(key) for key in ("column_class", "column_true", "column_predicted", "column_correct")]
-            width = max(len(name) for name in [header[0]] + [name for name, *_ in rows])
-            columns = [max(6, len(title)) for title in header[1:]]
+            header = [text(key) for key in ("column_class", "column_precision", "column_recall", "column_f1",
+                                            "column_support")]
+            width = max(len(name) for name in [header[0]] + [row["class"] for row in rows])
+            columns = [max(7, len(title)) for title in header[1:]]
             lines += ["", f"{header[0]:<{width}} " + " ".join(f"{h:>{w}}" for h, w in zip(header[1:], columns))]
-            lines += [f"{row[0]:<{width}} " + " ".join(f"{n:>{w}}" for n, w in zip(row[1:], columns)) for row in rows]
+            for row in rows:
+                values = [f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"])]
+                lines.append(f"{row['class']:<{width}} " + " ".join(f"{v:>{w}}" for v, w in zip(values, columns)))
         return "\n".join(lines)
 
 
-def write_predictions_csv(predictions: Sequence[ImagePrediction], class_names: Sequence[str],
-                          path: str | os.PathLike) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as file:
-        writer = csv.writer(file)
-        writer.writerow(CSV_FIELDS)
-        for item in predictions:
-            truth = "" if item.true_index is None else class_names[item.true_index]
-            writer.writerow([item.path, class_names[item.predicted_index], f"{item.probability:.6f}", truth])
-
-
-def export_records(folder: str | os.PathLike, predictions: Sequence[ImagePrediction], class_names: Sequence[str],
+def export_records(folder: str, items: Sequence[ImagePrediction], class_names: Sequence[str], labelled: bool,
                    log_lines: Sequence[str]) -> list[str]:
-    """Write predictions.csv and the log into `folder` (never over existing files); returns the paths."""
+    """predictions.csv (infer.py's format, every image of the run) and the log into `folder`,
+    never over existing files; returns the paths."""
     csv_path = unique_path(folder, PREDICTIONS_CSV)
-    write_predictions_csv(predictions, class_names, csv_path)
+    write_csv(as_predictions(items, class_names, labelled), csv_path, TOP_K)
     log_path = unique_path(folder, LOG_FILE)
     Path(log_path).write_text("\n".join(log_lines) + "\n", encoding="utf-8")
     return [csv_path, log_path]

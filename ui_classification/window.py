@@ -34,7 +34,7 @@ from PyQt5.QtWidgets import (
 )
 
 from ui_classification.annotate import annotate, to_qimage
-from ui_classification.results import ImagePrediction, LiveMetrics, export_records
+from ui_classification.results import ImagePrediction, LiveMetrics, export_records, folder_labels
 from ui_classification.strings import Text
 from ui_classification.worker import InferenceWorker, ModelInfo, RunJob
 from utils.data import ImageReadError, read_rgb
@@ -99,6 +99,8 @@ class ViewerWindow(QMainWindow):
         self.image_dir = options.image_dir
         self.save_dir = options.save_dir
         self.predictions: list[ImagePrediction] = []  # readable images of the current run, in order
+        self.run_items: list[ImagePrediction] = []  # every image of the current run, unreadable ones too
+        self.run_labelled = False  # the run's folder is a labelled tree (inference.inputs.find_labels)
         self.current = -1
         self.live: Optional[LiveMetrics] = None
         self.job: Optional[RunJob] = None  # set while a run is active
@@ -365,9 +367,11 @@ class ViewerWindow(QMainWindow):
         paths = self._run_inputs()
         if paths is None:
             return False
-        self.predictions, self.current = [], -1
+        self.predictions, self.run_items, self.current = [], [], -1
         self.live = LiveMetrics(self.model_info.class_names)
-        self.job = RunJob(paths, self.options.batch_size, self.save_dir)
+        labels, why_not = folder_labels(self.image_dir, paths, self.model_info.class_names)  # infer.py's rule
+        self.run_labelled = labels is not None
+        self.job = RunJob(paths, self.options.batch_size, self.save_dir, labels=labels)
         if self.paused:  # a new run starts unpaused, autoplay included
             self.toggle_pause()
         self.progress.setRange(0, len(paths))
@@ -376,6 +380,8 @@ class ViewerWindow(QMainWindow):
         for label in (self.current_label, self.topk_label, self.verdict_label):
             label.clear()
         self.log(self.text("log_run_started", count=len(paths), folder=self.image_dir))
+        if why_not:
+            self.log(why_not)
         if self.save_dir:
             self.log(self.text("log_saving", folder=self.save_dir))
         self._refresh_metrics()
@@ -419,6 +425,7 @@ class ViewerWindow(QMainWindow):
         if self.job is None:  # delivered after shutdown() ended the run
             return
         self.live.add(items)
+        self.run_items += items  # every image, unreadable ones too: what Record writes
         for item in items:
             if item.error:
                 self.log(self.text("log_skipped", reason=item.error))
@@ -559,7 +566,7 @@ class ViewerWindow(QMainWindow):
             self.show_message(self.text("err_missing_save", path=folder))
             return []
         try:
-            files = export_records(folder, self.predictions, self.live.class_names, self.log_lines)
+            files = export_records(folder, self.run_items, self.live.class_names, self.run_labelled, self.log_lines)
         except OSError as error:
             self.show_message(self.text("err_record_failed", path=folder, message=error.strerror or error))
             return []

@@ -16,12 +16,11 @@ from PyQt5.QtCore import QObject, pyqtSignal, pyqtSlot
 
 from inference.predictor import PredictionBatch, Predictor
 from ui_classification.annotate import annotate, save_annotated
-from ui_classification.results import ImagePrediction, predictions_from_batch
+from ui_classification.results import TOP_K, ImagePrediction, predictions_from_batch
 from ui_classification.strings import Text
 from utils.data import ImageReadError, read_rgb
 from utils.errors import UsageError
 
-TOP_K = 5
 PAUSE_POLL_SECONDS = 0.05
 
 
@@ -48,6 +47,7 @@ class RunJob:
     paths: list[str]
     batch_size: int
     save_dir: Optional[str] = None  # annotated copies go here when set
+    labels: Optional[dict] = None  # {path: true class index} when the folder is a labelled tree
     stop_requested: threading.Event = field(default_factory=threading.Event)
     not_paused: threading.Event = field(default_factory=_running_event)
 
@@ -110,7 +110,7 @@ class InferenceWorker(QObject):
             batch = next(batches, None)
             if batch is None:
                 return True
-            items = predictions_from_batch(batch, self.predictor.class_names, TOP_K)
+            items = predictions_from_batch(batch, self.predictor.class_names, job.labels, TOP_K)
             if job.save_dir:
                 self._save_annotated(items, job.save_dir)
             self.batch_done.emit(items)
