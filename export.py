@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 # Only torch-free modules at the top: flag mistakes fail before torch and onnx load (seconds).
+from inference.inputs import add_bare_state_dict_args
 from utils.cli import run_cli
 from utils.errors import UsageError
 
@@ -54,12 +55,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     check.add_argument("--int8", action="store_true",
                        help="also write <name>.int8.onnx (onnxruntime static quantisation calibrated on the check "
                             "images) when it is faster than fp32; prints speed and accuracy change")
-    bare = parser.add_argument_group("bare state_dict only (a train.py checkpoint already holds these)")
-    bare.add_argument("--model", default=None, help="registry model name, e.g. resnet18")
-    bare.add_argument("--categories", nargs="+", default=None, metavar="NAME",
-                      help="class names in output order, space- or comma-separated: daisy dandelion / daisy,dandelion")
-    bare.add_argument("--input_shape", "--input-shape", type=int, nargs="+", default=None, metavar="SIZE",
-                      help="model input H [W] of a bare state_dict; default 224")
+    add_bare_state_dict_args(parser)
     return parser
 
 

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from inference.inputs import ImageInputs, Labels, find_labels, resolve_inputs
+from inference.inputs import ImageInputs, Labels, add_bare_state_dict_args, find_labels, resolve_inputs
 
 # Only torch-free modules at the top: the flags and --image_path are checked before torch loads
 # (seconds), so a typo fails at once. The functions below import what they need.
@@ -49,12 +49,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--image_path", "--image-path", nargs="+", required=True, metavar="PATH",
                         help="image file(s), folder(s) (searched recursively), glob(s) such as 'photos/*.jpg', "
                              "or a .txt file with one image path per line")
-    bare = parser.add_argument_group("bare state_dict only (a train.py checkpoint already holds these)")
-    bare.add_argument("--model", default=None, help="registry model name, e.g. resnet18")
-    bare.add_argument("--categories", nargs="+", default=None, metavar="NAME",
-                      help="class names in output order, space- or comma-separated: daisy dandelion / daisy,dandelion")
-    bare.add_argument("--input_shape", "--input-shape", type=int, nargs="+", default=None, metavar="SIZE",
-                      help="model input H [W] of a bare state_dict; default 224")
+    add_bare_state_dict_args(parser)
     speed = parser.add_argument_group("speed")
     speed.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; default %(default)s")
     speed.add_argument("--batch_size", "--batch-size", type=int, default=64, help="images per forward pass; default %(default)s")

@@ -10,6 +10,7 @@ Torch-free, like utils.files, so it is cheap to import and test.
 
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 from collections.abc import Sequence
@@ -154,3 +155,14 @@ def _top_folder(path: str, root: str) -> Optional[str]:
     """The first folder of `path` below `root`, or None for a file directly in `root`."""
     parts = os.path.relpath(path, root).split(os.sep)
     return parts[0] if len(parts) > 1 else None
+
+
+def add_bare_state_dict_args(parser: argparse.ArgumentParser) -> None:
+    """--model, --categories, --input_shape: what a bare state_dict (another template's .pth) lacks;
+    for every script that reads a checkpoint (infer.py, export.py, runui.py)."""
+    bare = parser.add_argument_group("bare state_dict only (a train.py checkpoint already holds these)")
+    bare.add_argument("--model", default=None, help="registry model name, e.g. resnet18")
+    bare.add_argument("--categories", nargs="+", default=None, metavar="NAME",
+                      help="class names in output order, space- or comma-separated: daisy dandelion / daisy,dandelion")
+    bare.add_argument("--input_shape", "--input-shape", type=int, nargs="+", default=None, metavar="SIZE",
+                      help="model input H [W] of a bare state_dict; default 224")
