@@ -7,7 +7,7 @@ groups of exact and near duplicates.
         group.members[0].kind         # "exact" (same bytes) or "perceptual" (close perceptual hash)
         group.spans(split_of)         # True when the members fall in more than one split: leakage
 
-The content hash is utils.split.file_sha1 (the one split_dataset.py writes to split.csv). The
+The content hash is utils.split_files.file_sha1 (the one split_dataset.py writes to split.csv). The
 perceptual hash is imagehash's pHash of the image as training reads it (utils.data.read_rgb):
 64 bits that stay within a few bits under resizing and JPEG recompression and drift further
 under cropping; two images are near duplicates when their hashes differ in at most
@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.data import ImageReadError, available_cores, read_rgb
-from utils.split import file_sha1
+from utils.split_files import file_sha1
 
 FINGERPRINT_VERSION = 1  # part of every cache key: bump when the hash or the reader changes
 DEFAULT_MAX_DISTANCE = 10  # bits of 64: resized/recompressed copies land at 0-6, 3% crops at 4-14, unrelated photos at 16+
