@@ -56,7 +56,7 @@ def test_train_names_a_near_copy_across_splits_in_the_dataset_report(leaky_tree,
     warning = next(line for line in report.splitlines() if "WARNING" in line)
     assert "1 picture(s) are in more than one split" in warning
     (group,) = [line for line in report.splitlines() if original in line]
-    assert copy in group and "perceptual" in group  # the pair, on one line, found by its perceptual hash
+    assert copy in group and "near copies" in group  # the pair, on one line, found by its perceptual hash
     assert "WARNING: 1 picture(s)" in (_only_run(tmp_path) / "train.log").read_text(encoding="utf-8")
     assert (tmp_path / ".cache" / "image_hashes.sqlite").is_file()
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing written into the dataset

@@ -52,8 +52,7 @@ class LeakageCheck:
         lines = [head, f"  WARNING: {len(self.leaks)} picture(s) are in more than one split: the val/test scores "
                        "count images the model has trained on"]
         for group in self.leaks[:MAX_LISTED]:
-            lines.append("  " + "  =  ".join(self._describe(member.path, member.kind, member.distance)
-                                             for member in group.members))
+            lines.append("  " + ", ".join(self._name(path) for path in group.paths) + f"  ({_kind(group)})")
         if len(self.leaks) > MAX_LISTED:
             lines.append(f"  ... and {len(self.leaks) - MAX_LISTED} more")
         fix = ("re-split it on disk with split_dataset.py, which keeps copies in one split" if self.split_on_the_fly
@@ -61,11 +60,16 @@ class LeakageCheck:
         lines.append(f"  Fix: {fix}; python audit_dataset.py --dataset_path {self.root} lists every group")
         return "\n".join(lines)
 
-    def _describe(self, path: str, kind: str, distance: float) -> str:
+    def _name(self, path: str) -> str:
         name = os.path.relpath(path, self.root)  # train/<class>/<file> in a split tree
-        if self.split_on_the_fly:
-            name = f"{self.split_of.get(path, '?')}: {name}"
-        return name if kind == "exact" else f"{name} ({kind}, {distance:.0f} bits)"
+        return f"{self.split_of.get(path, '?')}: {name}" if self.split_on_the_fly else name
+
+
+def _kind(group: DuplicateGroup) -> str:
+    if all(member.kind == "exact" for member in group.members):
+        return "identical files"
+    farthest = max(member.distance for member in group.members if member.kind != "exact")
+    return f"near copies: pHash {farthest:.0f} bits apart"
 
 
 def hash_cache_path(log_dir: str | os.PathLike, dataset_root: str | os.PathLike) -> Optional[Path]:
