@@ -101,3 +101,17 @@ def test_split_dataset_keeps_a_near_duplicate_pair_in_one_split(tmp_path):
     exact_only = run_script("split_dataset.py", *args, "--dst", str(tmp_path / "exact"), "--dry_run",
                             "--phash_distance", "-1")
     assert exact_only.returncode == 0 and "Near duplicates" not in exact_only.stdout
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--phash_distance", "65"], "--phash_distance must be in -1..64, got 65"),
+    (["--cache_dir", "INSIDE"], "is inside --src"),
+], ids=["distance", "cache in src"])
+def test_split_dataset_refuses_bad_near_duplicate_flags_in_one_line(tmp_path, flags, needle):
+    src = tmp_path / "photos"
+    _scenes(src, 3, seed=4)
+    before = sorted(src.rglob("*"))
+    flags = [str(src / "cache") if flag == "INSIDE" else flag for flag in flags]
+    result = run_script("split_dataset.py", "--src", str(src), "--dst", str(tmp_path / "out"), *flags)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
+    assert sorted(src.rglob("*")) == before and not (tmp_path / "out").exists()
