@@ -115,3 +115,16 @@ def test_split_dataset_refuses_bad_near_duplicate_flags_in_one_line(tmp_path, fl
     result = run_script("split_dataset.py", "--src", str(src), "--dst", str(tmp_path / "out"), *flags)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
     assert sorted(src.rglob("*")) == before and not (tmp_path / "out").exists()
+
+
+def test_the_three_tools_share_one_hash_cache_file():
+    """train.py, split_dataset.py and audit_dataset.py name the cache alike (the scripts keep their own
+    copy of the name so that --help does not load torch), so one tool's hashes serve the others."""
+    import audit_dataset
+    import split_dataset
+    from utils.image_hash import HASH_CACHE_NAME
+    from utils.leakage import hash_cache_path
+
+    assert split_dataset.HASH_CACHE_NAME == audit_dataset.HASH_CACHE_NAME == HASH_CACHE_NAME
+    assert hash_cache_path("logs", "data/flowers").name == HASH_CACHE_NAME
+    assert hash_cache_path("data/flowers/logs", "data/flowers") is None  # never inside the dataset
