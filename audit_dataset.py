@@ -19,7 +19,7 @@ from typing import Optional
 from utils.cli import run_cli
 from utils.errors import UsageError
 
-HASH_CACHE_NAME = "image_hashes.sqlite"
+HASH_CACHE_NAME = "image_hashes.sqlite"  # = utils.image_hash.HASH_CACHE_NAME (shared with train.py); not imported: that loads torch before the checks
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,9 @@
 
 SRC/<class>/**/<image>  ->  DST/{train,val,test}/<class>/...  plus DST/split.csv (file, source,
 class, split, sha1, size). The plan comes from utils/split.py, the file handling from
-utils/split_files.py; see docs/splitting.md.
+utils/split_files.py; see docs/splitting.md. Copies of one picture (byte-identical, or resized /
+recompressed: utils/image_hash.py's perceptual hash) are kept in one split, so val/ and test/ never
+score an image that train/ holds. The hashes are cached in logs/.cache/ (--cache_dir), never in SRC.
 
 A run cut short (kill -9, disk full) is finished by running the same command again: the plan
 is journaled in DST/split.journal.json before the first file is placed. `--dst DST --undo`
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 from utils.cli import run_cli
@@ -52,6 +55,9 @@ from utils.split_files import (
 )
 
 MAX_LISTED = 20  # longer lists (skipped files, duplicate groups) are cut, with a count of the rest
+DEFAULT_CACHE_DIR = os.path.join("logs", ".cache")  # where train.py and audit_dataset.py keep the same hash cache
+HASH_CACHE_NAME = "image_hashes.sqlite"  # = utils.image_hash.HASH_CACHE_NAME; not imported: that loads torch
+NEAR_KEY_PREFIX = "group-"  # utils.image_hash.group_keys' keys; a sha1 never starts so
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -85,7 +91,25 @@ def get_args_parser() -> argparse.ArgumentParser:
         "copies and links whose source is intact are deleted), then delete split.csv. Refuses, changing "
         "nothing, when a source path holds a different file",
     )
-    parser.add_argument("--dry_run", "--dry-run", action="store_true", help="print the plan, write nothing")
+    parser.add_argument(
+        "--phash_distance",
+        "--phash-distance",
+        type=int,
+        default=10,
+        help="near duplicates (resized, recompressed copies) kept in one split: perceptual hashes differing in at most "
+        "this many of 64 bits (lowered where unrelated images come that close); -1: only byte-identical files, "
+        "no image decoded (default %(default)s)",
+    )
+    parser.add_argument(
+        "--cache_dir",
+        "--cache-dir",
+        default=DEFAULT_CACHE_DIR,
+        help=f"folder of the hash cache {HASH_CACHE_NAME}, shared with train.py and audit_dataset.py; never inside "
+        "--src (default %(default)s)",
+    )
+    parser.add_argument(
+        "--dry_run", "--dry-run", action="store_true", help="print the plan; write nothing but the hash cache"
+    )
     return parser
 
 
@@ -96,12 +120,36 @@ def check_args(args: argparse.Namespace) -> None:
     if args.val_ratio <= 0:
         raise UsageError(f"--val_ratio must be > 0 (train.py needs a val/ folder), got {args.val_ratio}")
     check_ratios(args.val_ratio, args.test_ratio)
+    if not -1 <= args.phash_distance <= 64:
+        raise UsageError(f"--phash_distance must be in -1..64, got {args.phash_distance}")
     check_locations(args.src, args.dst)
+    cache = Path(args.cache_dir).resolve()
+    if cache == Path(args.src).resolve() or Path(args.src).resolve() in cache.parents:
+        raise UsageError(f"--cache_dir {args.cache_dir} is inside --src {args.src}, which is never written to; "
+                         "pass --cache_dir with a folder elsewhere")
     check_mode(args.mode, args.src, args.dst)
     check_output_dir(args.dst, "--dst")
 
 
-def report(scan: SourceScan, plan: SplitPlan) -> str:
+def duplicate_keys(paths: list[str], sha1s: dict[str, str], max_distance: int, cache_dir: str) -> tuple[dict[str, str], int]:
+    """The keys plan_split keeps together: each file's sha1, and for the members of a near-duplicate
+    group (utils.image_hash: pHash within `max_distance` bits) one key of the group; and the
+    distance used (lowered where unrelated images crowd together; -1: byte-identical files only)."""
+    if max_distance < 0:
+        return dict(sha1s), -1
+    from utils.image_hash import (  # loads torch: only when needed
+        fingerprint_files,
+        group_keys,
+        search_duplicates,
+    )
+
+    fingerprints = fingerprint_files(paths, Path(cache_dir, HASH_CACHE_NAME), progress=sys.stderr.isatty())
+    search = search_duplicates(fingerprints, max_distance, progress=sys.stderr.isatty())
+    near = [group for group in search.groups if any(member.kind != "exact" for member in group.members)]
+    return {**sha1s, **group_keys(near)}, search.max_distance  # all-exact groups already share a sha1
+
+
+def report(scan: SourceScan, plan: SplitPlan, near_distance: int = -1) -> str:
     """The per-class table and the notes a user should read before trusting the split."""
     lines = [
         f"Split of {scan.root} (seed {plan.seed}, val_ratio {plan.val_ratio}, test_ratio {plan.test_ratio}):",
@@ -113,7 +161,12 @@ def report(scan: SourceScan, plan: SplitPlan) -> str:
         lines.append(f"Note: fewer than {MIN_CLASS_SIZE} images, all in train: {listed}")
     if scan.empty_classes:
         lines.append(f"Note: class folders without images (left out): {', '.join(scan.empty_classes)}")
-    lines += _duplicate_lines(plan, scan.root)
+    identical = [g for g in plan.duplicate_groups if not g.key.startswith(NEAR_KEY_PREFIX)]
+    near = [g for g in plan.duplicate_groups if g.key.startswith(NEAR_KEY_PREFIX)]
+    lines += _duplicate_lines(identical, scan.root, "Identical files", "byte-identical images", "same sha1 in split.csv")
+    lines += _duplicate_lines(near, scan.root, "Near duplicates",
+                              f"resized or recompressed copies (pHash within {near_distance} of 64 bits)",
+                              "python audit_dataset.py --dataset_path DST lists duplicates with pictures")
     if scan.skipped:
         lines.append(f"Skipped {len(scan.skipped)} hidden or non-image path(s), left in --src:")
         lines += [f"  {os.path.relpath(p, scan.root)}: {why}" for p, why in scan.skipped[:MAX_LISTED]]
@@ -122,21 +175,21 @@ def report(scan: SourceScan, plan: SplitPlan) -> str:
     return "\n".join(lines)
 
 
-def _duplicate_lines(plan: SplitPlan, root: str) -> list[str]:
-    if not plan.duplicate_groups:
+def _duplicate_lines(groups: list, root: str, title: str, what: str, more: str) -> list[str]:
+    if not groups:
         return []
-    moved = [g for g in plan.duplicate_groups if g.moved]
+    moved = [g for g in groups if g.moved]
     lines = [
-        f"Identical files: {len(plan.duplicate_groups)} group(s) of byte-identical images, each kept in one split "
+        f"{title}: {len(groups)} group(s) of {what}, each kept in one split "
         f"({len(moved)} moved there to avoid leakage between splits):"
     ]
-    for group in plan.duplicate_groups[:MAX_LISTED]:
+    for group in groups[:MAX_LISTED]:
         names = ", ".join(os.path.relpath(p, root) for p in group.paths)
         note = "; ".join(f"{os.path.relpath(p, root)} moved from {s}" for p, s in group.moved)
         labels = f" [same image in classes {', '.join(group.classes)}: check the labels]" if len(group.classes) > 1 else ""
         lines.append(f"  {group.split}: {names}" + (f" ({note})" if note else "") + labels)
-    if len(plan.duplicate_groups) > MAX_LISTED:
-        lines.append(f"  ... and {len(plan.duplicate_groups) - MAX_LISTED} more (same sha1 in split.csv)")
+    if len(groups) > MAX_LISTED:
+        lines.append(f"  ... and {len(groups) - MAX_LISTED} more ({more})")
     return lines
 
 
@@ -155,17 +208,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     removals = overwrite_removals(args.src, args.dst) if args.overwrite else []  # refuses before any work
     scan = scan_source(args.src)
     paths = [p for files in scan.files.values() for p in files]
-    hashes = hash_files(paths)
+    hashes = hash_files(paths)  # split.csv's sha1 column; a file that cannot be read stops the run here
+    keys, near_distance = duplicate_keys(paths, hashes, args.phash_distance, args.cache_dir)
     plan = plan_split(
-        scan.files, val_ratio=args.val_ratio, test_ratio=args.test_ratio, seed=args.seed, hashes=hashes
+        scan.files, val_ratio=args.val_ratio, test_ratio=args.test_ratio, seed=args.seed, hashes=keys
     )
     if "val" not in plan.splits:
         raise UsageError(f"no class in --src {args.src} has {MIN_CLASS_SIZE} or more images: nothing for val/")
-    print(report(scan, plan))
+    print(report(scan, plan, near_distance))
     if args.dry_run:
         if removals:
             print(f"Would delete {len(removals)} file(s) of the earlier split in {args.dst} (each is still at its source)")
-        print(f"Dry run: would {args.mode} {len(paths)} file(s) into {args.dst}; nothing written.")
+        print(f"Dry run: would {args.mode} {len(paths)} file(s) into {args.dst}; nothing written there.")
         return
     if removals:
         print(f"Deleting {len(removals)} file(s) of the earlier split in {args.dst} (--overwrite; each is still at its source)")

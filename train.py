@@ -72,6 +72,7 @@ from utils.distributed import (
 from utils.engine import NonFiniteLossError, StepSettings, evaluate, train_one_epoch
 from utils.errors import UsageError
 from utils.files import check_output_dir
+from utils.leakage import check_leakage, hash_cache_path
 from utils.logger import (
     History,
     TensorBoard,
@@ -100,7 +101,7 @@ from utils.transforms import (
 )
 
 # Flags a resumed run may change; everything else comes from the checkpoint so the run continues exactly.
-RESUME_OVERRIDABLE = ("device", "workers", "log_dir", "tensorboard", "quiet", "resume_training", "resume")
+RESUME_OVERRIDABLE = ("device", "workers", "log_dir", "tensorboard", "quiet", "resume_training", "resume", "no_audit")
 RESUME_OVERRIDABLE += RESUME_OVERRIDABLE_FLAGS
 EVAL_CRITERION = nn.CrossEntropyLoss()  # validation loss: plain, whatever weights or smoothing training uses
 
@@ -142,6 +143,9 @@ def add_data_args(data: argparse._ArgumentGroup) -> None:
                            "memory) or disk (.npy files under --cache_dir); see README 'Speed'")
     data.add_argument("--cache_dir", "--cache-dir", default=None,
                       help="folder for --cache disk (default: LOG_DIR/.cache/images; never inside the dataset)")
+    data.add_argument("--no_audit", "--no-audit", action="store_true",
+                      help="skip the leakage check (the same picture in two splits: exact and near copies) of "
+                           "the dataset report; its hashes are cached in LOG_DIR/.cache")
 
 
 def add_model_args(model: argparse._ArgumentGroup) -> None:
@@ -367,11 +371,21 @@ def open_run_folder(args: argparse.Namespace, resume: ResumeState | None, scan: 
                  + ", ".join(path.name for path in stale))
     for note in resume.notes if resume else []:
         log.info(note)
-    log.info(scan.report())
+    report = scan.report() + on_main_process(leakage_report, args, scan)
+    log.info(report)
     if main_process:
-        (run_dir / "dataset_report.txt").write_text(scan.report() + "\n", encoding="utf-8")
+        (run_dir / "dataset_report.txt").write_text(report + "\n", encoding="utf-8")
         write_json(vars(args), run_dir / "args.json")
     return run_dir, log
+
+
+def leakage_report(args: argparse.Namespace, scan: DatasetScan) -> str:
+    """The dataset report's leakage section (utils.leakage; only rank 0 runs this), "" with --no_audit."""
+    if args.no_audit:
+        return ""
+    check = check_leakage(scan, hash_cache_path(args.log_dir, args.dataset_path),
+                          progress=sys.stderr.isatty() and not args.quiet)
+    return "\n" + check.report()
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from inference.predictor import inference_workers
-from models.pretrained import head_parameter_names
+from models.finetune import head_parameter_names
 from models.registry import check_input_size, create_model
 from utils.checkpoint import load_checkpoint, load_model_weights
 from utils.data import ImageDataset, Sample, create_dataloader, default_workers, scan_dataset

@@ -228,7 +228,7 @@ def test_unreadable_files_get_a_reason_not_an_exception(tmp_path):
     (tmp_path / "text.jpg").write_text("hello")
     paths = [str(tmp_path / "empty.png"), str(tmp_path / "text.jpg"), str(tmp_path / "gone.png")]
     reasons = [fp.error for fp in fingerprint_files(paths)]
-    assert reasons[0] == "empty file" and "cannot decode" in reasons[1] and "cannot read" in reasons[2]
+    assert reasons[0] == "empty file" and "unreadable image" in reasons[1] and "cannot read" in reasons[2]
     assert find_duplicate_groups(paths) == []  # unreadable files are never duplicates of each other
 
 

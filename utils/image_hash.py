@@ -47,6 +47,7 @@ EMPTY_SHA1 = "da39a3ee5e6b4b0d3255bfef95601890afd80709"  # sha1 of zero bytes
 KINDS = ("exact", "perceptual", "embedding")  # how strong a link is, strongest first
 FALSE_PAIR_RATE = 0.002  # pHash pairs of unrelated images tolerated per image (see crowding_limit)
 CROWDING_MIN_PAIRS = 30  # pairs needed at a distance to extrapolate the tail of unrelated pairs from it
+HASH_CACHE_NAME = "image_hashes.sqlite"  # the cache file's name, in LOG_DIR/.cache/ by default (train.py, audit_dataset.py)
 CACHE_TIMEOUT_S = 10.0  # wait this long for another process's write lock on the cache, then go on without it
 
 

@@ -2,7 +2,8 @@
 
 `plan_split` is pure: {class: files} in, one Assignment per file out. The result depends only on
 the file paths, the ratios and the seed (never on input order or the global RNG), so the same
-files always give the same split. Byte-identical files (given as hashes) are kept in one split.
+files always give the same split. Files that share a key (`hashes`: a sha1 for byte-identical
+files, a group key for near duplicates) are kept in one split.
 The file-system half (scanning the source, records, placing, --overwrite, --undo) is
 utils/split_files.py, which only split_dataset.py uses.
 """
@@ -45,9 +46,10 @@ class Assignment:
 
 @dataclass
 class DuplicateGroup:
-    """Byte-identical files (same sha1). All of them end in `split`."""
+    """Files that share a key in `hashes` (a sha1: byte-identical; a group key such as
+    utils.image_hash.group_keys gives: near duplicates). All of them end in `split`."""
 
-    sha1: str
+    key: str
     paths: list[str]
     classes: list[str]  # more than one: the same image carries two labels
     split: str
@@ -161,8 +163,8 @@ def plan_split(
     """Stratified split of {class: file paths}: one Assignment per file.
 
     Each class is sorted naturally, shuffled with its own seeded RNG and cut per `split_counts`
-    (val first, then test, the rest train). With `hashes` ({path: sha1}), byte-identical files
-    that landed in different splits are pulled into one split (see `_keep_duplicates_together`).
+    (val first, then test, the rest train). With `hashes` ({path: sha1 or group key}), files that
+    share a key and landed in different splits are pulled into one split (see `_keep_duplicates_together`).
     """
     check_ratios(val_ratio, test_ratio)
     _check_unique(files)
@@ -198,7 +200,7 @@ def _keep_duplicates_together(
     order: dict[str, list[str]],
     hashes: Mapping[str, str],
 ) -> list[DuplicateGroup]:
-    """Put every group of byte-identical files in one split (edits `split_of` in place).
+    """Put every group of files that share a key in one split (edits `split_of` in place).
 
     A file moved from split A to split B swaps with a non-duplicate file of its class in B, so
     the per-class counts stay as planned (if no such file exists, the counts shift by one).
