@@ -21,9 +21,10 @@ from PyQt5.QtCore import Qt, QTimer
 from PyQt5.QtWidgets import QApplication, QMessageBox
 
 from inference.predictor import Predictor
+from ui_classification import app
 from ui_classification.results import LOG_FILE, PREDICTIONS_CSV
 from ui_classification.strings import TEXT, Text
-from ui_classification.window import ViewerOptions, ViewerWindow
+from ui_classification.window import ViewerOptions, ViewerWindow, install_qt_translation
 from utils.files import list_images
 from utils.metrics import ClassificationMetrics
 
@@ -93,6 +94,14 @@ def answer_next_question(button: QMessageBox.StandardButton) -> None:
     QTimer.singleShot(20, click)
 
 
+def press(qtbot, window: ViewerWindow, key: Qt.Key, modifier=Qt.NoModifier) -> None:
+    """A key press as a user makes it: to the widget that has the keyboard focus in the active window."""
+    window.activateWindow()
+    qtbot.waitUntil(lambda: QApplication.focusWidget() is not None and QApplication.focusWidget().window() is window,
+                    timeout=5_000)
+    qtbot.keyClick(QApplication.focusWidget(), key, modifier)
+
+
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as file:
         return list(csv.DictReader(file))
@@ -145,9 +154,20 @@ def test_run_browse_record_match_the_shared_metrics(qtbot, open_window, test_dir
     # browsing: buttons, keys, bounds
     assert window.current == 0 and not window.previous_button.isEnabled()
     window.show_next()
-    qtbot.keyClick(window, Qt.Key_Right)
+    press(qtbot, window, Qt.Key_Right)
     assert window.current == 2
-    qtbot.keyClick(window, Qt.Key_Left)
+    press(qtbot, window, Qt.Key_Left)
+    assert window.current == 1
+    press(qtbot, window, Qt.Key_End)
+    assert window.current == count - 1 and f"[{count} / {count}]" in window.current_label.text()
+    press(qtbot, window, Qt.Key_Home)
+    assert window.current == 0
+    # typing in the interval box keeps its keys; Enter hands the viewer keys back
+    window.interval_box.setFocus(Qt.MouseFocusReason)
+    press(qtbot, window, Qt.Key_Right)
+    assert window.current == 0 and QApplication.focusWidget() is window.interval_box
+    press(qtbot, window, Qt.Key_Return)
+    press(qtbot, window, Qt.Key_Right)
     assert window.current == 1
     window.show_previous()
     window.show_previous()
@@ -158,13 +178,15 @@ def test_run_browse_record_match_the_shared_metrics(qtbot, open_window, test_dir
     assert window.verdict_label.text() == ("✓ correct" if shown.correct else "✗ incorrect")
     assert not window.image_view.pixmap().isNull()
 
-    # one annotated copy per image, under distinct names
+    # one annotated copy per image, under distinct names, in this run's own subfolder of the save folder
+    (run_folder,) = save_dir.iterdir()
+    assert run_folder.name.startswith("run-") and str(run_folder) == window.run_folder
     saved = sorted(p.saved_path for p in window.predictions)
-    assert len(set(saved)) == count and all(Path(p).parent == save_dir and Path(p).is_file() for p in saved)
+    assert len(set(saved)) == count and all(Path(p).parent == run_folder and Path(p).is_file() for p in saved)
 
-    # Record: predictions.csv + the log into the save folder; a second Record does not overwrite the first
-    window.record()
-    rows = read_csv(save_dir / PREDICTIONS_CSV)
+    # Record (Ctrl+S): predictions.csv + the log into the run folder; a second Record does not overwrite the first
+    press(qtbot, window, Qt.Key_S, Qt.ControlModifier)
+    rows = read_csv(run_folder / PREDICTIONS_CSV)
     assert [row["path"] for row in rows] == reference["paths"]
     for row in rows:  # infer.py's predictions.csv format, written by its own writer
         assert row["status"] == "ok" and row["error"] == ""
@@ -172,9 +194,9 @@ def test_run_browse_record_match_the_shared_metrics(qtbot, open_window, test_dir
         assert float(row["top1_probability"]) == pytest.approx(reference["probability"][row["path"]], abs=1e-5)
         assert row["true_class"] == Path(row["path"]).parent.name
         assert row["correct"] == str(int(row["top1_class"] == row["true_class"]))
-    assert "Finished: " in (save_dir / LOG_FILE).read_text(encoding="utf-8")
+    assert "Finished: " in (run_folder / LOG_FILE).read_text(encoding="utf-8")
     window.record()
-    assert (save_dir / "predictions-1.csv").is_file() and len(read_csv(save_dir / PREDICTIONS_CSV)) == count
+    assert (run_folder / "predictions-1.csv").is_file() and len(read_csv(run_folder / PREDICTIONS_CSV)) == count
 
     # the screenshot for the README: show a mistake, if the short training left one, to show the red mark
     wrong = next((i for i, p in enumerate(window.predictions) if p.correct is False), 0)
@@ -190,7 +212,7 @@ def test_autoplay_pause_and_resume(qtbot, open_window, test_dir):
     run_to_end(qtbot, window)
     window.set_autoplay(True)
     qtbot.waitUntil(lambda: window.current >= 3, timeout=10_000)
-    qtbot.keyClick(window, Qt.Key_Space)
+    press(qtbot, window, Qt.Key_Space)
     assert window.paused and window.pause_button.text() == "Resume"
     stopped_at = window.current
     qtbot.wait(300)  # fifteen intervals: autoplay would have moved on
@@ -225,17 +247,22 @@ def test_corrupt_image_same_names_and_unlabelled_folder(qtbot, open_window, test
     assert [Path(p.path).name for p in window.predictions] == ["same.png", "same.png", "other.png"]
     assert all(p.true_index is None and p.correct is None for p in window.predictions)
     assert (save_dir / "same.png").read_bytes() == b"the user's own file"
+    assert all(Path(p.saved_path).parent == Path(window.run_folder) for p in window.predictions)
     saved = {Path(p.saved_path).name for p in window.predictions}
-    assert saved == {"same-1.png", "same-2.png", "other.png"}
+    assert saved == {"same.png", "same-1.png", "other.png"}
+    assert "Images classified: 3\n" in window.metrics_view.toPlainText()  # the unreadable one is counted apart
     window.record()
-    rows = read_csv(save_dir / PREDICTIONS_CSV)  # every image, the unreadable one too, as infer.py writes them
+    rows = read_csv(Path(window.run_folder) / PREDICTIONS_CSV)  # every image, the unreadable one too, as infer.py writes them
     assert [(Path(row["path"]).name, row["status"]) for row in rows] == \
         [("broken.png", "unreadable"), ("same.png", "ok"), ("same.png", "ok"), ("other.png", "ok")]
     assert "true_class" not in rows[0] and rows[0]["error"] and rows[0]["top1_class"] == ""
 
 
-def test_problems_give_a_message_and_keep_the_window(qtbot, open_window, test_dir, tmp_path):
+def test_problems_give_a_message_and_keep_the_window(qtbot, open_window, test_dir, tmp_path, checkpoint):
     window = open_window()
+    assert window.image_view.text() == "Choose an image folder, then press Run."  # the checkpoint is given
+    assert not window.run_button.isEnabled()
+    assert window.checkpoint_start_dir() == str(Path(checkpoint).parent)
     window.record()
     assert window.last_message == "Nothing to record yet: press Run first."
     assert not window.start_run() and window.last_message == "Choose an image folder first."
@@ -247,6 +274,8 @@ def test_problems_give_a_message_and_keep_the_window(qtbot, open_window, test_di
     assert not window.start_run()
     assert window.last_message.startswith(f"No images in {empty}")
     assert window.message_box.isVisible() and not window.message_box.isModal()
+    window.record()  # a second problem replaces the text of the one box: boxes never stack
+    assert [box.text() for box in window.findChildren(QMessageBox) if box.isVisible()] == [window.last_message]
 
     window.set_image_dir(str(test_dir))
     window.set_save_dir(str(tmp_path / "missing"))
@@ -261,11 +290,41 @@ def test_problems_give_a_message_and_keep_the_window(qtbot, open_window, test_di
     window.set_save_dir(None)
     run_to_end(qtbot, window)
     assert len(window.predictions) == len(list_images(test_dir))
+    # another folder: the old results leave the screen
+    assert window.set_image_dir(str(empty))
+    assert window.predictions == [] and window.current == -1 and window.class_table.rowCount() == 0
+    assert window.metrics_view.toPlainText() == "" and window.current_label.text() == ""
+    assert window.image_view.text() == "Press Run (R) to classify the folder."
+
+
+def test_bare_state_dict_with_model_categories_and_input_shape(qtbot, checkpoint, test_dir, tmp_path):
+    """runui.py --model --categories --input_shape, as infer.py takes them; the window is up before torch's model."""
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    bare = tmp_path / "bare.pth"
+    torch.save(stored["state_dict"], bare)
+    args = app.get_args_parser().parse_args(["--weights", str(bare), "--model", "resnet18", "--categories",
+                                             ",".join(stored["class_names"]), "--input_shape", "32", "--device", "cpu"])
+    app.check_args(args)
+    window = ViewerWindow(app.options_from_args(args))
+    qtbot.addWidget(window)
+    assert window.worker is None and window.image_view.text() == "Loading the model bare.pth…"
+    window.show()
+    try:
+        qtbot.waitUntil(lambda: window.model_info is not None or window.last_message is not None, timeout=60_000)
+        assert window.last_message is None and window.model_info.class_names == stored["class_names"]
+        assert window.windowTitle().startswith("resnet18: 10 classes")
+    finally:
+        window.shutdown()
 
 
 def test_stop_ends_the_run_and_the_next_run_is_complete(qtbot, open_window, test_dir):
     window = open_window(image_dir=str(test_dir), batch_size=1)
+    total = len(list_images(test_dir))
     assert window.start_run()
+    qtbot.waitUntil(lambda: window.current == 0, timeout=RUN_TIMEOUT_MS)
+    assert f"[1 / {total}]" in window.current_label.text()  # the run's total, not the batch's
+    assert not window.set_image_dir(str(test_dir.parent)) and window.last_message.startswith("A run is active")
+    assert window.image_dir == str(test_dir)
     window.toggle_run()  # the Run button reads Stop while a run is active
     assert window.run_button.text() == "Stopping…" and not window.run_button.isEnabled()
     qtbot.waitUntil(lambda: not window.running, timeout=RUN_TIMEOUT_MS)
@@ -298,12 +357,18 @@ def test_chinese_text(qtbot, open_window, tmp_path):
     window.set_image_dir(str(tmp_path))
     assert not window.start_run()
     assert window.last_message.startswith(f"{tmp_path} 中没有图片")
+    assert any("已加载 resnet18，10 类" in line for line in window.log_lines)
+    assert window.class_table.horizontalHeaderItem(0).text() == zh("column_class")
+    question = QMessageBox(QMessageBox.Question, "", "", QMessageBox.Yes | QMessageBox.No)
+    assert question.button(QMessageBox.Yes).text() == "是(&Y)"  # Qt's own texts, from its qtbase_zh_CN
+    install_qt_translation("en")
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--weights", "missing.pth"], "error: --weights missing.pth does not exist or is not a file"),
     (["--image_dir", "no_such_folder"], "error: --image_dir no_such_folder does not exist or is not a folder"),
     (["--interval", "0"], "error: --interval must be more than 0 seconds, got 0.0"),
+    (["--device", "gpu"], "error: --device 'gpu' is not a device this project runs on (use auto, cpu, cuda, cuda:N or mps)"),
 ])
 def test_runui_refuses_bad_flags_in_one_line(flags, message):
     result = run_script("runui.py", *flags)

@@ -1,17 +1,22 @@
 """Command line and start-up of the viewer (runui.py is a thin wrapper around `main`).
 
-Qt and torch are imported only after the flags passed their checks, so a typo fails in a moment.
+Qt is imported only after the flags passed their checks, so a typo fails in a moment; torch only
+after the window is on screen (its import takes seconds: the window shows "loading" meanwhile).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
 
+from inference.inputs import add_bare_state_dict_args
 from ui_classification.strings import LANGUAGES
 from utils.errors import UsageError
 
@@ -34,7 +39,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", "--batch-size", type=int, default=32,
                         help="images classified per batch, ahead of what is shown")
     parser.add_argument("--interval", type=float, default=1.0, help="autoplay: seconds per image")
+    add_bare_state_dict_args(parser)
     return parser
+
+
+DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -48,16 +57,19 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     if not args.interval > 0:
         raise UsageError(f"--interval must be more than 0 seconds, got {args.interval}")
-    from utils.device import select_device
-
-    select_device(args.device)
+    if not DEVICE_NAME.fullmatch(args.device):  # its availability is checked with the model, in the window
+        raise UsageError(f"--device {args.device!r} is not a device this project runs on "
+                         "(use auto, cpu, cuda, cuda:N or mps)")
+    if args.input_shape and not 1 <= len(args.input_shape) <= 2:
+        raise UsageError(f"--input_shape takes H or H W, got {len(args.input_shape)} numbers")
 
 
 def options_from_args(args: argparse.Namespace) -> ViewerOptions:
     from ui_classification.window import ViewerOptions
 
     return ViewerOptions(weights=args.weights, image_dir=args.image_dir, save_dir=args.save_dir, title=args.title,
-                         lang=args.lang, device=args.device, batch_size=args.batch_size, interval=args.interval)
+                         lang=args.lang, device=args.device, batch_size=args.batch_size, interval=args.interval,
+                         model=args.model, categories=args.categories, input_shape=args.input_shape)
 
 
 def keep_window_on_errors(window: ViewerWindow) -> None:
@@ -70,9 +82,17 @@ def keep_window_on_errors(window: ViewerWindow) -> None:
     sys.excepthook = report
 
 
+def preload_before_qt() -> None:
+    """Triton (imported by torch when present) segfaults when first imported after Qt opened an X11
+    window; it takes a second, unlike torch's ten, so it alone is loaded before Qt."""
+    if importlib.util.find_spec("triton") is not None:
+        importlib.import_module("triton")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     check_args(args)
+    preload_before_qt()
     from PyQt5.QtWidgets import QApplication
 
     from ui_classification.window import ViewerWindow

@@ -22,7 +22,7 @@ from inference.predictor import PredictionBatch, Predictions, topk
 from inference.results import write_csv
 from ui_classification.strings import Text
 from utils.files import unique_path
-from utils.metrics import ClassificationMetrics, format_metrics, per_class_rows
+from utils.metrics import ClassificationMetrics, per_class_rows
 
 PREDICTIONS_CSV = "predictions.csv"
 LOG_FILE = "viewer_log.txt"
@@ -110,12 +110,16 @@ class LiveMetrics:
         """utils.metrics.per_class_rows: precision, recall, F1 and support per class, as in training."""
         return per_class_rows(self.values["confusion"], self.class_names) if self.values else []
 
-    def summary(self) -> str:
-        """The metrics in the one-line format train.py and infer.py print."""
-        return format_metrics(self.values) if self.values else "no image with a true class"
+    def summary(self, text: Text) -> str:
+        """The metrics for the log, in the window's language (the names of the panel)."""
+        if self.values is None:
+            return text("no_labels")
+        return text("summary", accuracy=f"{self.values['top1']:.2%}", precision=f"{self.values['precision']:.4f}",
+                    recall=f"{self.values['recall']:.4f}", f1=f"{self.values['f1']:.4f}")
 
     def panel(self, text: Text) -> str:
-        lines = [text("seen", total=self.total, labelled=self.labelled, skipped=self.skipped)]
+        """The summary above the per-class table (that one is a table widget in the window: see per_class)."""
+        lines = [text("seen", total=self.total - self.skipped, labelled=self.labelled, skipped=self.skipped)]
         if self.values is None:
             lines.append(text("no_labels"))
         else:
@@ -126,16 +130,6 @@ class LiveMetrics:
                 text("f1", value=f"{self.values['f1']:.4f}"),
             ]
         lines.append(text("speed", value=self.images_per_second))
-        rows = self.per_class()
-        if rows:
-            header = [text(key) for key in ("column_class", "column_precision", "column_recall", "column_f1",
-                                            "column_support")]
-            width = max(len(name) for name in [header[0]] + [row["class"] for row in rows])
-            columns = [max(7, len(title)) for title in header[1:]]
-            lines += ["", f"{header[0]:<{width}} " + " ".join(f"{h:>{w}}" for h, w in zip(header[1:], columns))]
-            for row in rows:
-                values = [f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"])]
-                lines.append(f"{row['class']:<{width}} " + " ".join(f"{v:>{w}}" for v, w in zip(values, columns)))
         return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """The viewer window: pick a checkpoint and a folder, Run, browse the predictions, watch the metrics.
 
 Everything slow happens in the InferenceWorker's thread; the window only reads the one image it
-shows. Dialogs sit behind small methods (choose_*, confirm) and the setters they call (set_*)
+shows. Torch is imported only once the window is on screen, in a "loading" state (_start_engine). Dialogs sit behind small methods (choose_*, confirm) and the setters they call (set_*)
 are public, so tests drive the real window without clicking through file dialogs. Messages go
 through `show_message`, which keeps the last one in `last_message` and never blocks.
 """
@@ -11,15 +11,18 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from PyQt5.QtCore import Qt, QThread, QTimer, pyqtSignal
+from PyQt5.QtCore import QLibraryInfo, Qt, QThread, QTimer, QTranslator, pyqtSignal
 from PyQt5.QtGui import QCloseEvent, QFont, QImage, QKeySequence, QPixmap, QResizeEvent
 from PyQt5.QtWidgets import (
+    QAbstractItemView,
+    QApplication,
     QDoubleSpinBox,
     QFileDialog,
     QGroupBox,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QMainWindow,
     QMessageBox,
@@ -29,19 +32,40 @@ from PyQt5.QtWidgets import (
     QShortcut,
     QSizePolicy,
     QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
-from ui_classification.annotate import annotate, to_qimage
-from ui_classification.results import ImagePrediction, LiveMetrics, export_records, folder_labels
 from ui_classification.strings import Text
-from ui_classification.worker import InferenceWorker, ModelInfo, RunJob
-from utils.data import ImageReadError, read_rgb
-from utils.files import IMAGE_EXTENSIONS, list_images
+from utils.files import IMAGE_EXTENSIONS, list_images, unique_path
+
+if TYPE_CHECKING:  # torch-heavy: imported at run time only once the window is up (_start_engine)
+    from ui_classification.results import ImagePrediction, LiveMetrics
+    from ui_classification.worker import InferenceWorker, ModelInfo, RunJob
 
 TITLE_CLASSES_SHOWN = 8
 LOG_LINES_KEPT_ON_SCREEN = 5000  # the full log is still kept for Record
+ENGINE_START_DELAY_MS = 100  # lets the window show itself before torch's import holds the GUI thread
+RUN_FOLDER_PREFIX = "run"  # each run with a save folder writes into <save folder>/run-<date>-<time>/
+_installed_translators: list[QTranslator] = []  # Qt's own texts (dialog buttons); kept alive while installed
+
+
+def install_qt_translation(lang: str) -> bool:
+    """Qt's own dialogs (Yes/No/OK, file dialogs) in the window's language: Qt's qtbase_zh_CN, shipped
+    with PyQt5. English removes it again. True when the translation is active."""
+    app = QApplication.instance()
+    while _installed_translators:
+        app.removeTranslator(_installed_translators.pop())
+    if lang != "zh":
+        return False
+    translator = QTranslator()
+    if not translator.load("qtbase_zh_CN", QLibraryInfo.location(QLibraryInfo.TranslationsPath)):
+        return False
+    app.installTranslator(translator)
+    _installed_translators.append(translator)
+    return True
 
 
 @dataclass
@@ -54,6 +78,9 @@ class ViewerOptions:
     device: str = "auto"
     batch_size: int = 32
     interval: float = 1.0  # autoplay seconds per image
+    model: Optional[str] = None  # bare state_dict only: --model, --categories, --input_shape
+    categories: Optional[list[str]] = None
+    input_shape: Optional[list[int]] = None
 
 
 class ImageView(QLabel):
@@ -94,6 +121,8 @@ class ViewerWindow(QMainWindow):
         super().__init__()
         self.options = options
         self.text = Text(options.lang)
+        install_qt_translation(options.lang)
+        self.worker: Optional[InferenceWorker] = None  # set once EngineLoader has built it
         self.model_info: Optional[ModelInfo] = None
         self.loading_checkpoint: Optional[str] = None
         self.image_dir = options.image_dir
@@ -102,6 +131,8 @@ class ViewerWindow(QMainWindow):
         self.run_items: list[ImagePrediction] = []  # every image of the current run, unreadable ones too
         self.run_labelled = False  # the run's folder is a labelled tree (inference.inputs.find_labels)
         self.current = -1
+        self.run_total = 0  # images in the current run, readable or not
+        self.run_folder: Optional[str] = None  # the current run's subfolder of the save folder
         self.live: Optional[LiveMetrics] = None
         self.job: Optional[RunJob] = None  # set while a run is active
         self.stopping = False
@@ -109,6 +140,7 @@ class ViewerWindow(QMainWindow):
         self.log_lines: list[str] = []
         self.last_message: Optional[str] = None
         self.message_box: Optional[QMessageBox] = None
+        self.closed = False
         self._build_widgets()
         self._build_layout()
         self._start_worker()
@@ -119,10 +151,11 @@ class ViewerWindow(QMainWindow):
         self._apply_interval()
         self.set_title(options.title or self.text("window_title_loading"))
         self.resize(1280, 820)
-        self._refresh_labels()
         if options.weights:
             self.set_checkpoint(options.weights)
+        self._refresh_labels()
         self.update_controls()
+        self.image_view.setFocus()
 
     # ---- construction
     def _button(self, key: str, slot, checkable: bool = False) -> QPushButton:
@@ -151,6 +184,10 @@ class ViewerWindow(QMainWindow):
         self.interval_box.setSuffix(t("interval_suffix"))
         self.interval_box.setToolTip(t("interval_tip"))
         self.interval_box.valueChanged.connect(self._apply_interval)
+        # Typing in the box needs the arrows and Space; it takes focus only when clicked, and gives it
+        # back to the image on Enter, so the viewer keys work again.
+        self.interval_box.setFocusPolicy(Qt.ClickFocus)
+        self.interval_box.editingFinished.connect(lambda: self.image_view.setFocus())
         self.checkpoint_label, self.images_label, self.save_label = QLabel(), QLabel(), QLabel()
         for label in (self.checkpoint_label, self.images_label, self.save_label):
             label.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)  # long paths must not widen the window
@@ -158,6 +195,7 @@ class ViewerWindow(QMainWindow):
         self.title_label = QLabel()  # the title again inside the window, where screenshots and full-screen show it
         self.title_label.setStyleSheet("font-size: 16px; font-weight: bold;")
         self.image_view = ImageView(t("no_image"))
+        self.image_view.setFocusPolicy(Qt.StrongFocus)  # holds the focus, so the window-wide keys reach the viewer
         self.current_label, self.topk_label = QLabel(), QLabel()
         for label in (self.current_label, self.topk_label):
             label.setAlignment(Qt.AlignTop | Qt.AlignLeft)
@@ -166,6 +204,7 @@ class ViewerWindow(QMainWindow):
         self.topk_label.setFont(QFont("DejaVu Sans Mono", 10))
         self.verdict_label = QLabel()
         self.metrics_view = self._text_panel()
+        self.class_table = self._class_table()
         self.log_view = self._text_panel()
         self.log_view.setMaximumBlockCount(LOG_LINES_KEPT_ON_SCREEN)
         self.progress = QProgressBar()
@@ -178,6 +217,17 @@ class ViewerWindow(QMainWindow):
         panel.setFocusPolicy(Qt.NoFocus)
         panel.setFont(QFont("DejaVu Sans Mono", 9))
         return panel
+
+    def _class_table(self) -> QTableWidget:
+        """Per-class precision, recall, F1 and support: a real table, so CJK headers line up."""
+        keys = ("column_class", "column_precision", "column_recall", "column_f1", "column_support")
+        table = QTableWidget(0, len(keys))
+        table.setHorizontalHeaderLabels([self.text(key) for key in keys])
+        table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        table.setFocusPolicy(Qt.NoFocus)
+        table.verticalHeader().setVisible(False)
+        table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)  # every column visible, no scrolling
+        return table
 
     def _build_layout(self) -> None:
         t = self.text
@@ -206,7 +256,7 @@ class ViewerWindow(QMainWindow):
         image_panel.setLayout(image_column)
         top = QSplitter(Qt.Horizontal)
         top.addWidget(image_panel)
-        top.addWidget(self._group(t("metrics_title"), self.metrics_view, self.progress))
+        top.addWidget(self._group(t("metrics_title"), self.metrics_view, self.class_table, self.progress))
         top.setSizes([880, 400])
         body = QSplitter(Qt.Vertical)
         body.addWidget(top)
@@ -231,21 +281,41 @@ class ViewerWindow(QMainWindow):
 
     def _start_worker(self) -> None:
         self.worker_thread = QThread(self)
-        self.worker = InferenceWorker(self.text)
-        self.worker.moveToThread(self.worker_thread)
-        self.request_load.connect(self.worker.load)
-        self.request_run.connect(self.worker.run)
-        self.worker.loaded.connect(self._on_loaded)
-        self.worker.load_failed.connect(self._on_load_failed)
-        self.worker.batch_done.connect(self._on_batch)
-        self.worker.run_finished.connect(self._on_run_finished)
-        self.worker.run_failed.connect(self._on_run_failed)
+        QTimer.singleShot(ENGINE_START_DELAY_MS, self._start_engine)
+
+    def _start_engine(self) -> None:
+        """Import torch and the model code (seconds) once the window is painted with its "loading" state.
+        In the GUI thread: importing torch's extensions in a QThread crashes under X11."""
+        if self.closed:
+            return
+        QApplication.processEvents()
+        from inference.predictor import parse_categories
+        from ui_classification.worker import InferenceWorker
+
+        options = self.options
+        worker = InferenceWorker(self.text, model_name=options.model, class_names=parse_categories(options.categories),
+                                 input_shape=options.input_shape)
+        worker.moveToThread(self.worker_thread)
+        self.worker = worker  # lives in worker_thread: every connection below is queued
+        self.request_load.connect(worker.load)
+        self.request_run.connect(worker.run)
+        worker.loaded.connect(self._on_loaded)
+        worker.load_failed.connect(self._on_load_failed)
+        worker.batch_done.connect(self._on_batch)
+        worker.run_finished.connect(self._on_run_finished)
+        worker.run_failed.connect(self._on_run_failed)
         self.worker_thread.start()
+        if self.loading_checkpoint:  # chosen (or given on the command line) while torch was loading
+            self.request_load.emit(self.loading_checkpoint, self.options.device)
 
     def _bind_keys(self) -> None:
-        for key, slot in ((Qt.Key_Right, self.show_next), (Qt.Key_Left, self.show_previous),
-                          (Qt.Key_Space, self.toggle_pause)):
-            QShortcut(QKeySequence(key), self, slot)
+        """Window-wide keys: they work whichever widget has the focus, except while typing in the
+        interval box (it keeps the arrows and Space for editing; Enter hands them back)."""
+        for key, slot in (("Right", self.show_next), ("Left", self.show_previous), ("Space", self.toggle_pause),
+                          ("Home", self.show_first), ("End", self.show_last), ("R", self.toggle_run),
+                          ("Ctrl+S", self.record)):
+            shortcut = QShortcut(QKeySequence(key), self, slot)
+            shortcut.setContext(Qt.WindowShortcut)
 
     # ---- state shown in the controls
     @property
@@ -261,7 +331,8 @@ class ViewerWindow(QMainWindow):
         for button in (self.checkpoint_button, self.images_button, self.save_button):
             button.setEnabled(idle)
         self.run_button.setText(self.text("stopping" if self.stopping else "run" if idle else "stop"))
-        self.run_button.setEnabled(not self.stopping)
+        self.run_button.setEnabled(not self.stopping and (self.running or bool(
+            (self.model_info or self.loading_checkpoint) and self.image_dir)))
         self.previous_button.setEnabled(self.current > 0)
         self.next_button.setEnabled(self.current + 1 < len(self.predictions))
         self.autoplay_button.setEnabled(bool(self.predictions) or self.running)
@@ -277,6 +348,16 @@ class ViewerWindow(QMainWindow):
         self.save_label.setText(t("save_label", path=self.save_dir or t("not_set")))
         for label in (self.checkpoint_label, self.images_label, self.save_label):
             label.setToolTip(label.text())
+        if not self.predictions:
+            self.image_view.set_placeholder(self._placeholder())
+
+    def _placeholder(self) -> str:
+        """What to do next, given what is already set (a checkpoint from the command line is not asked for)."""
+        if self.loading_checkpoint:
+            return self.text("placeholder_loading", path=os.path.basename(self.loading_checkpoint))
+        if self.model_info is None:
+            return self.text("no_image")
+        return self.text("placeholder_run" if self.image_dir else "placeholder_folder")
 
     def set_title(self, title: str) -> None:
         self.setWindowTitle(title)
@@ -297,11 +378,12 @@ class ViewerWindow(QMainWindow):
         """Tell the user about a problem without blocking: logged, kept in last_message, shown non-modal."""
         self.last_message = message
         self.log(self.text("log_error", message=message))
-        box = QMessageBox(QMessageBox.Warning, self.text("title_error"), message, QMessageBox.Ok, self)
-        box.setWindowModality(Qt.NonModal)
-        box.setAttribute(Qt.WA_DeleteOnClose)
-        box.show()
-        self.message_box = box
+        if self.message_box is None:  # one box, reused: a new problem replaces the text, boxes never stack
+            self.message_box = QMessageBox(QMessageBox.Warning, self.text("title_error"), "", QMessageBox.Ok, self)
+            self.message_box.setWindowModality(Qt.NonModal)
+        self.message_box.setText(message)
+        self.message_box.show()
+        self.message_box.raise_()
 
     def confirm(self, question: str) -> bool:
         answer = QMessageBox.question(self, self.text("title_confirm"), question,
@@ -310,49 +392,83 @@ class ViewerWindow(QMainWindow):
 
     # ---- choosing paths (dialogs -> setters)
     def choose_checkpoint(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, self.text("dialog_checkpoint"), "",
+        path, _ = QFileDialog.getOpenFileName(self, self.text("dialog_checkpoint"), self.checkpoint_start_dir(),
                                               self.text("dialog_checkpoint_filter"))
         if path:
             self.set_checkpoint(path)
 
     def choose_image_dir(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, self.text("dialog_images"), self.image_dir or "")
+        path = QFileDialog.getExistingDirectory(self, self.text("dialog_images"), self.image_dir or self.last_folder)
         if path:
             self.set_image_dir(path)
 
     def choose_save_dir(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, self.text("dialog_save"), self.save_dir or "")
+        path = QFileDialog.getExistingDirectory(self, self.text("dialog_save"), self.save_dir or self.last_folder)
         if path:
             self.set_save_dir(path)
+
+    def checkpoint_start_dir(self) -> str:
+        """Where the checkpoint dialog opens: beside the current checkpoint, else logs/ (train.py's default)."""
+        current = self.loading_checkpoint or (self.model_info.checkpoint if self.model_info else None)
+        if current:
+            return os.path.dirname(os.path.abspath(current))
+        return "logs" if os.path.isdir("logs") else ""
+
+    @property
+    def last_folder(self) -> str:
+        """Where the folder dialogs open when nothing is set yet: the last folder used."""
+        return self.image_dir or self.save_dir or ""
 
     def set_checkpoint(self, path: str) -> None:
         """Load in the worker; the title and classes change once it reports back."""
         self.loading_checkpoint = path
         self.log(self.text("log_loading", path=path, device=self.options.device))
-        self.request_load.emit(path, self.options.device)
+        if self.worker is not None:  # else _start_engine sends it
+            self.request_load.emit(path, self.options.device)
         self._refresh_labels()
+        self.update_controls()
 
-    def set_image_dir(self, path: str) -> None:
+    def set_image_dir(self, path: str) -> bool:
+        """A new folder clears the results of the old one. Refused during a run (stop it first)."""
+        if self.running:
+            self.show_message(self.text("err_busy"))
+            return False
+        if path != self.image_dir:
+            self.clear_results()
         self.image_dir = path
         self._refresh_labels()
+        self.update_controls()
+        return True
 
     def set_save_dir(self, path: Optional[str]) -> None:
         self.save_dir = path or None
+        self._refresh_labels()
+
+    def clear_results(self) -> None:
+        """Forget the last run: its images, metrics and the picture shown."""
+        self.predictions, self.run_items, self.current, self.live = [], [], -1, None
+        self.run_total, self.run_folder = 0, None
+        self.progress.reset()
+        for label in (self.current_label, self.topk_label, self.verdict_label):
+            label.clear()
+        self._refresh_metrics()
         self._refresh_labels()
 
     def _on_loaded(self, info: ModelInfo) -> None:
         self.model_info = info
         if self.loading_checkpoint == info.checkpoint:  # else another checkpoint is still on its way
             self.loading_checkpoint = None
-        self.log(self.text("log_loaded", summary=f"{info.model_name}, {len(info.class_names)} classes "
-                           f"({info.checkpoint})", device=info.device))
+        self.log(self.text("log_loaded", model=info.model_name, count=len(info.class_names), path=info.checkpoint,
+                           device=info.device))
         self.set_title(self.options.title or self.default_title(info))
         self._refresh_labels()
+        self.update_controls()
 
     def _on_load_failed(self, path: str, reason: str) -> None:
         if self.loading_checkpoint == path:
             self.loading_checkpoint = None
         self._refresh_labels()
+        self.update_controls()
         self.show_message(self.text("err_bad_checkpoint", message=reason))
 
     # ---- running
@@ -364,26 +480,28 @@ class ViewerWindow(QMainWindow):
 
     def start_run(self) -> bool:
         """Check the inputs (a message box for each problem), then hand the folder to the worker."""
+        from ui_classification.results import LiveMetrics, folder_labels  # loaded with the worker already
+        from ui_classification.worker import RunJob
+
         paths = self._run_inputs()
-        if paths is None:
+        run_folder = self._make_run_folder() if paths is not None and self.save_dir else None
+        if paths is None or (self.save_dir and run_folder is None):
             return False
-        self.predictions, self.run_items, self.current = [], [], -1
+        self.clear_results()
+        self.run_total, self.run_folder = len(paths), run_folder
         self.live = LiveMetrics(self.model_info.class_names)
         labels, why_not = folder_labels(self.image_dir, paths, self.model_info.class_names)  # infer.py's rule
         self.run_labelled = labels is not None
-        self.job = RunJob(paths, self.options.batch_size, self.save_dir, labels=labels)
+        self.job = RunJob(paths, self.options.batch_size, run_folder, labels=labels)
         if self.paused:  # a new run starts unpaused, autoplay included
             self.toggle_pause()
         self.progress.setRange(0, len(paths))
         self.progress.setValue(0)
-        self.image_view.set_placeholder(self.text("no_image"))
-        for label in (self.current_label, self.topk_label, self.verdict_label):
-            label.clear()
         self.log(self.text("log_run_started", count=len(paths), folder=self.image_dir))
         if why_not:
-            self.log(why_not)
-        if self.save_dir:
-            self.log(self.text("log_saving", folder=self.save_dir))
+            self.log(self.text("log_not_labelled", reason=why_not))
+        if run_folder:
+            self.log(self.text("log_saving", folder=run_folder))
         self._refresh_metrics()
         self.request_run.emit(self.job)
         self.update_controls()
@@ -415,6 +533,17 @@ class ViewerWindow(QMainWindow):
             return None
         return paths
 
+    def _make_run_folder(self) -> Optional[str]:
+        """A new <save folder>/run-<date>-<time> for this run's annotated images and records, so runs
+        into the same save folder never mix (or get "-1" copies); None (and a message) on failure."""
+        folder = unique_path(self.save_dir, f"{RUN_FOLDER_PREFIX}-{time.strftime('%Y%m%d-%H%M%S')}")
+        try:
+            os.mkdir(folder)
+        except OSError as error:
+            self.show_message(self.text("err_record_failed", path=folder, message=error.strerror or error))
+            return None
+        return folder
+
     def stop_run(self) -> None:
         if self.job is not None and not self.stopping:
             self.stopping = True
@@ -444,7 +573,7 @@ class ViewerWindow(QMainWindow):
             return
         if completed:
             self.log(self.text("log_run_finished", count=self.live.total, seconds=self.live.elapsed,
-                               metrics=self.live.summary()))
+                               metrics=self.live.summary(self.text)))
         else:
             self.log(self.text("log_run_stopped", count=self.live.total))
         self._end_run()
@@ -464,15 +593,28 @@ class ViewerWindow(QMainWindow):
 
     def _refresh_metrics(self) -> None:
         self.metrics_view.setPlainText(self.live.panel(self.text) if self.live else "")
+        rows = self.live.per_class() if self.live else []
+        self.class_table.setRowCount(len(rows))
+        for index, row in enumerate(rows):
+            cells = [row["class"], f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}",
+                     str(row["support"])]
+            for column, value in enumerate(cells):
+                item = QTableWidgetItem(value)
+                item.setTextAlignment(Qt.AlignVCenter | (Qt.AlignLeft if column == 0 else Qt.AlignRight))
+                self.class_table.setItem(index, column, item)
 
     # ---- browsing
     def show_index(self, index: int) -> None:
+        from ui_classification.annotate import annotate, to_qimage  # loaded with the worker already
+        from utils.data import ImageReadError, read_rgb
+
         if not 0 <= index < len(self.predictions):
             return
         self.current = index
         item = self.predictions[index]
         class_names = self.live.class_names  # the run's classes, even if another checkpoint was loaded since
-        position = self.text("position", index=index + 1, total=len(self.predictions), path=self._shown_path(item))
+        readable_total = self.run_total - self.live.skipped  # the whole run's, not just the images classified yet
+        position = self.text("position", index=index + 1, total=readable_total, path=self._shown_path(item))
         try:
             self.image_view.set_image(to_qimage(annotate(read_rgb(item.path), item, class_names, self.text)))
         except ImageReadError as error:  # deleted or changed since it was classified
@@ -512,6 +654,12 @@ class ViewerWindow(QMainWindow):
 
     def show_previous(self) -> None:
         self.show_index(self.current - 1)
+
+    def show_first(self) -> None:
+        self.show_index(0)
+
+    def show_last(self) -> None:
+        self.show_index(len(self.predictions) - 1)
 
     # ---- autoplay and pause
     def _apply_interval(self) -> None:
@@ -553,7 +701,7 @@ class ViewerWindow(QMainWindow):
         if not self.predictions:
             self.show_message(self.text("err_nothing_to_record"))
             return
-        folder = self.save_dir or self.choose_record_dir()
+        folder = self.run_folder or self.save_dir or self.choose_record_dir()
         if folder:
             self.export_to(folder)
 
@@ -562,6 +710,8 @@ class ViewerWindow(QMainWindow):
 
     def export_to(self, folder: str) -> list[str]:
         """predictions.csv and the log into `folder`; returns the files written ([] on failure)."""
+        from ui_classification.results import export_records  # loaded with the worker already
+
         if not os.path.isdir(folder):
             self.show_message(self.text("err_missing_save", path=folder))
             return []
@@ -584,6 +734,7 @@ class ViewerWindow(QMainWindow):
     def shutdown(self) -> None:
         """Stop the run and end the worker thread (waits for the batch in progress). Safe to repeat."""
         self.autoplay_timer.stop()
+        self.closed = True  # a window closed before its engine started never starts it
         if self.job is not None:
             self.job.stop()
         self.worker_thread.quit()

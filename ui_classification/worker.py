@@ -75,15 +75,16 @@ class InferenceWorker(QObject):
     run_finished = pyqtSignal(bool)  # True: every image classified; False: stopped
     run_failed = pyqtSignal(str)
 
-    def __init__(self, text: Text):
+    def __init__(self, text: Text, **checkpoint_options: object):
         super().__init__()
         self.text = text
+        self.checkpoint_options = checkpoint_options  # Predictor.from_checkpoint's model_name, class_names, input_shape
         self.predictor: Optional[Predictor] = None
 
     @pyqtSlot(str, str)
     def load(self, path: str, device: str) -> None:
         try:
-            predictor = Predictor.from_checkpoint(path, device=device)
+            predictor = Predictor.from_checkpoint(path, device=device, **self.checkpoint_options)
         except UsageError as error:
             self.load_failed.emit(path, str(error))
             return
