@@ -83,7 +83,7 @@ class InferenceWorker(QObject):
     @pyqtSlot(str, str)
     def load(self, path: str, device: str) -> None:
         try:
-            predictor = Predictor.from_checkpoint(path, device=device)
+            predictor = Predictor.from_file(path, device=device)  # .pth, or .onnx in onnxruntime
         except UsageError as error:
             self.load_failed.emit(path, str(error))
             return
