@@ -45,7 +45,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Predict images with a checkpoint from train.py (or a bare state_dict).",
         add_help=add_help)
-    parser.add_argument("--weights", required=True, help="checkpoint (logs/<run>/best.pth) or a bare state_dict file")
+    parser.add_argument("--weights", required=True,
+                        help="checkpoint (logs/<run>/best.pth), a bare state_dict file, or an .onnx from export.py "
+                             "(run by onnxruntime)")
     parser.add_argument("--image_path", "--image-path", nargs="+", required=True, metavar="PATH",
                         help="image file(s), folder(s) (searched recursively), glob(s) such as 'photos/*.jpg', "
                              "or a .txt file with one image path per line")
@@ -115,9 +117,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
 def load_predictor(args: argparse.Namespace) -> Predictor:
     from inference.predictor import Predictor, parse_categories
 
-    return Predictor.from_checkpoint(args.weights, args.device, model_name=args.model,
-                                     class_names=parse_categories(args.categories),
-                                     input_shape=args.input_shape, amp=args.amp)
+    return Predictor.from_file(args.weights, args.device, model_name=args.model,
+                               class_names=parse_categories(args.categories),
+                               input_shape=args.input_shape, amp=args.amp)
 
 
 def describe_epoch(info: dict) -> str:
@@ -125,12 +127,15 @@ def describe_epoch(info: dict) -> str:
 
 
 def ignored_flag_notes(args: argparse.Namespace, predictor: Predictor) -> list[str]:
-    """A train.py checkpoint decides model and preprocessing; say so when flags ask otherwise."""
+    """A train.py checkpoint (or an .onnx from export.py) decides model and preprocessing; say so
+    when flags ask otherwise."""
     from utils.transforms import parse_input_shape
 
     if not predictor.checkpoint_info.get("format"):
         return []
     notes = []
+    if args.amp and predictor.backend.name == "onnxruntime":
+        notes.append(f"--amp ignored: {args.weights} runs in onnxruntime in the precision it was exported in")
     if args.model and args.model != predictor.model_name:
         notes.append(f"--model {args.model} ignored: {args.weights} holds a {predictor.model_name}")
     if args.input_shape and parse_input_shape(args.input_shape) != list(predictor.preprocess.input_size):

@@ -14,6 +14,14 @@ and threads only:
   batched, N workers          what infer.py runs: workers decode, the model gets the other cores
 The checkpoint holds random weights (nothing is downloaded); speed does not depend on them.
 
+A second table compares backends on the same decoded, resized uint8 images (no file reading):
+  torch eager, batch 1 / 64        Predictor.predict_batch (normalise, forward, softmax)
+  onnxruntime fp32, batch 1 / 64   the checkpoint exported in-process (inference.export), run by
+                                   Predictor.from_file on the .onnx, CPU provider
+  onnxruntime int8, batch 1 / 64   full run only, and only when export.py would keep it (>= 5% faster)
+each as images/s and as a fraction of the ceiling: torch's forward pass alone at batch 64 on
+already-normalised float input, measured in the same interleaved rounds.
+
 On a CPU that other processes also use, torch's one-thread-per-core default is slow for small
 batches: every layer waits for a descheduled thread. The 1-thread loop row shows how much of
 the speed-up comes from not oversubscribing rather than from batching. The variants run
@@ -35,15 +43,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from inference.predictor import Predictions, Predictor, inference_workers  # noqa: E402
+from inference.predictor import PathDataset, Predictions, Predictor, inference_workers  # noqa: E402
 from models.registry import create_model  # noqa: E402
 from utils.checkpoint import CHECKPOINT_FORMAT, save_checkpoint  # noqa: E402
 from utils.data import read_rgb  # noqa: E402
-from utils.transforms import Preprocess  # noqa: E402
+from utils.transforms import Preprocess, normalize_batch  # noqa: E402
 from utils.visualize import save_rgb  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import photo_like  # noqa: E402
+from benchlib import cpu_model, interleaved, markdown_table, photo_like  # noqa: E402
 
 CLASS_NAMES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 
@@ -136,14 +144,77 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for round_index in range(args.rounds):
             for name in names[round_index % len(names):] + names[: round_index % len(names)]:  # rotate the order
                 rates[name].append(variants[name]())
+        backend_rates, backend_table = bench_backends(predictor, checkpoint, paths, args)
     medians = {name: statistics.median(values) for name, values in rates.items()}
     layout = "channels_last" if predictor.channels_last else "NCHW"
     print(f"Folder inference, {args.model} ({layout}) at {args.input_shape}x{args.input_shape}, "
-          f"{args.image_size[0]}x{args.image_size[1]} JPEGs, CPU ({torch.get_num_threads()} threads, "
+          f"{args.image_size[0]}x{args.image_size[1]} JPEGs, CPU {cpu_model()} ({torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores), torch {torch.__version__}; median of {args.rounds} interleaved round(s); "
           f"load average {load_average()}")
     print_table(medians, {name: len(loop_paths) if name.startswith("per-image") else len(paths) for name in names})
-    return medians
+    print(f"\nBackends on decoded {args.input_shape}x{args.input_shape} uint8 images (no file reading), "
+          f"median of {args.rounds} interleaved round(s); ceiling: torch forward only, batch 64, float input\n")
+    print(backend_table)
+    return {**medians, **backend_rates}
+
+
+def decoded_images(predictor: Predictor, paths: list[str], count: int) -> torch.Tensor:
+    """`count` uint8 [3, H, W] images, read and resized as infer.py does (PathDataset), repeated as needed."""
+    dataset = PathDataset(paths, predictor.preprocess)
+    return torch.stack([dataset[i % len(paths)][0] for i in range(count)])
+
+
+def images_per_second(predict, images: torch.Tensor, batch: int) -> float:
+    started = time.perf_counter()
+    for start in range(0, len(images), batch):
+        predict(images[start:start + batch])
+    return len(images) / (time.perf_counter() - started)
+
+
+def backend_runs(predictor: Predictor, checkpoint: Path, images: torch.Tensor, int8: bool) -> dict:
+    """name -> (batch, predict function): torch eager, onnxruntime fp32 (and int8 when it is kept)."""
+    from inference.export import export_onnx, load_source
+    from inference.quantize import FASTER_BY, milliseconds_per_image, quantize_int8
+
+    onnx_path = checkpoint.with_suffix(".onnx")
+    export_onnx(load_source(checkpoint), None, None, onnx_path)
+    onnx_predictor = Predictor.from_file(str(onnx_path), device="cpu")
+    models = {"torch eager": predictor, "onnxruntime fp32": onnx_predictor}
+    if int8:
+        int8_path = checkpoint.with_suffix(".int8.onnx")
+        quantize_int8(onnx_predictor.backend.onnx_model, int8_path, images[:64].numpy(), "bench photos")
+        int8_predictor = Predictor.from_file(str(int8_path), device="cpu")
+        fp32_ms, int8_ms = milliseconds_per_image([onnx_predictor.backend.onnx_model,
+                                                   int8_predictor.backend.onnx_model], images[:64].numpy())
+        if int8_ms <= fp32_ms * (1 - FASTER_BY):
+            models["onnxruntime int8"] = int8_predictor
+        else:
+            print(f"note: int8 not kept (export.py's rule): {int8_ms:.2f} vs fp32 {fp32_ms:.2f} ms/image")
+    return {f"{name}, batch {batch}": (batch, model.predict_batch) for name, model in models.items() for batch in (1, 64)}
+
+
+def bench_backends(predictor: Predictor, checkpoint: Path, paths: list[str],
+                   args: argparse.Namespace) -> tuple[dict[str, float], str]:
+    images = decoded_images(predictor, paths, 64 if args.quick else 128)
+    model, device = predictor.model, predictor.device
+    normalised = normalize_batch(images[:64], predictor.preprocess, channels_last=predictor.channels_last)
+
+    @torch.inference_mode()
+    def ceiling() -> float:
+        started = time.perf_counter()
+        for _ in range(0, len(images), 64):
+            model(normalised.to(device))
+        return len(images) / (time.perf_counter() - started)
+
+    runs = {name: (lambda p=predict, b=batch: images_per_second(p, images, b))
+            for name, (batch, predict) in backend_runs(predictor, checkpoint, images, not args.quick).items()}
+    ceiling_name = "ceiling: torch forward only, batch 64"
+    samples = interleaved({ceiling_name: ceiling, **runs}, args.rounds)
+    rates = {name: statistics.median(values) for name, values in samples.items()}
+    rows = [(name, len(images), f"{rate:.1f}", f"{1000 / rate:.2f}",
+             f"{statistics.median(a / b for a, b in zip(samples[name], samples[ceiling_name])):.2f}")
+            for name, rate in rates.items()]
+    return rates, markdown_table(["backend", "images", "images/s", "ms/image", "of ceiling"], rows)
 
 
 def print_table(medians: dict[str, float], counts: dict[str, int]) -> None:

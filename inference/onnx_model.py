@@ -28,6 +28,27 @@ CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 REQUIRED_METADATA = ("class_names", "preprocess")
 
 
+ONNX_SUFFIX = ".onnx"
+TORCH_MAGICS = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; the legacy pickle format
+ONNX_FIRST_BYTE = b"\x08"  # protobuf tag of ModelProto.ir_version (field 1, varint), which exporters write first
+
+
+def is_onnx_file(path: str | os.PathLike) -> bool:
+    """True for an ONNX model: by its first bytes (a PyTorch file starts with a zip or pickle
+    header, an ONNX ModelProto with its ir_version field), else by the .onnx suffix. So a
+    renamed file goes to the right loader, and a damaged .onnx gets onnxruntime's error."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4)
+    except OSError:
+        head = b""
+    if head.startswith(TORCH_MAGICS):
+        return False
+    if head.startswith(ONNX_FIRST_BYTE):
+        return True
+    return Path(path).suffix.lower() == ONNX_SUFFIX
+
+
 def providers_for(device: str) -> list:
     """onnxruntime execution providers for a --device value (auto: CUDA where this onnxruntime has it)."""
     import onnxruntime as ort

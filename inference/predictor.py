@@ -1,9 +1,9 @@
-"""Predictor: a checkpoint -> class probabilities for image files, arrays or tensors.
+"""Predictor: a checkpoint or an exported .onnx -> class probabilities for image files, arrays or tensors.
 
 infer.py and the UI both use it, so they read the checkpoint, preprocess and batch the same way
 as training's evaluation (utils.checkpoint, utils.transforms, utils.data.read_rgb).
 
-    predictor = Predictor.from_checkpoint("logs/<run>/best.pth", device="auto")
+    predictor = Predictor.from_file("logs/<run>/best.pth", device="auto")   # or best.onnx
     for batch in predictor.predict_paths(paths, batch_size=64, workers=2):
         batch.paths, batch.probs, batch.errors   # probs: (N, C) float tensor on the CPU
     results = Predictions.collect(predictor.predict_paths(paths), predictor.class_names, labels)
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from inference.onnx_model import CUDA, OnnxModel, is_onnx_file
 from models.registry import check_model_name, create_model
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_model_weights
 from utils.data import ImageReadError, available_cores, create_dataloader, default_workers, read_rgb
@@ -65,19 +66,94 @@ class PathDataset(torch.utils.data.Dataset):
         return self.transform(image), index, ""
 
 
-class Predictor:
-    """A model loaded once, in eval mode, with the preprocessing it was trained with."""
+class TorchBackend:
+    """A PyTorch model on a device, in eval mode: uint8 batch -> probabilities."""
 
-    def __init__(self, model: nn.Module, model_name: str, class_names: list[str], preprocess: Preprocess,
-                 device: torch.device, amp: bool = False, channels_last: bool = False):
-        self.model_name, self.class_names, self.preprocess, self.device = model_name, class_names, preprocess, device
-        self.channels_last = channels_last
+    name = "torch"
+
+    def __init__(self, model: nn.Module, preprocess: Preprocess, device: torch.device, amp: bool = False,
+                 channels_last: bool = False):
+        self.preprocess, self.device, self.channels_last = preprocess, device, channels_last
         self.dtype = amp_dtype(device, amp)
-        self.model = model.to(device).eval()
+        self.model: Optional[nn.Module] = model.to(device).eval()
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+
+    def where(self) -> str:
+        return f"on {describe_device(self.device)}"
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        inputs = normalize_batch(images.to(self.device, non_blocking=True), self.preprocess,
+                                 channels_last=self.channels_last)
+        with torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext():
+            logits = self.model(inputs)
+        return logits.float().softmax(1).cpu()
+
+
+class OnnxBackend:
+    """An exported .onnx in onnxruntime (inference.onnx_model.OnnxModel). Its graph does the
+    /255, mean/std and softmax itself, so it gets the uint8 batch as it comes from PathDataset."""
+
+    name = "onnxruntime"
+    model: Optional[nn.Module] = None  # no PyTorch module to hook (Grad-CAM etc. need the .pth)
+    channels_last = False
+
+    def __init__(self, onnx_model: OnnxModel):
+        self.onnx_model = onnx_model
+
+    def where(self) -> str:
+        return "onnxruntime on " + ("CUDA" if self.onnx_model.providers[0] == CUDA else "CPU")
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.onnx_model.predict_uint8(images.cpu().numpy()))
+
+
+class Predictor:
+    """A model loaded once, with the preprocessing it was trained with, behind one interface for
+    PyTorch checkpoints (TorchBackend) and exported .onnx files (OnnxBackend)."""
+
+    def __init__(self, backend: TorchBackend | OnnxBackend, model_name: str, class_names: list[str],
+                 preprocess: Preprocess, device: torch.device):
+        # device: where the DataLoader delivers batches (pinned memory, worker count); for onnxruntime
+        # the CPU, or CUDA when onnxruntime runs there and torch sees CUDA too.
+        self.backend, self.model_name, self.class_names = backend, model_name, class_names
+        self.preprocess, self.device = preprocess, device
         self.transform = build_eval_transform(preprocess)
         self.checkpoint_info: dict = {}  # format, epoch, metrics, created: empty for a bare state_dict
+
+    @property
+    def model(self) -> Optional[nn.Module]:
+        """The PyTorch module; None for an .onnx model."""
+        return self.backend.model
+
+    @property
+    def channels_last(self) -> bool:
+        return self.backend.channels_last
+
+    @classmethod
+    def from_file(cls, path: str, device: str = "auto", model_name: Optional[str] = None,
+                  class_names: Optional[Sequence[str]] = None, input_shape: Optional[Sequence[int]] = None,
+                  amp: bool = False, channels_last: Optional[bool] = None) -> Predictor:
+        """What infer.py and the viewer load: an exported ONNX model (told by its content, else by
+        the .onnx suffix) runs in onnxruntime, anything else is read as a PyTorch checkpoint.
+        model_name, input_shape, amp and channels_last apply to checkpoints only: an .onnx file
+        fixes them (infer.py prints a note)."""
+        if is_onnx_file(path):
+            return cls.from_onnx(path, device, class_names)
+        return cls.from_checkpoint(path, device, model_name, class_names, input_shape, amp, channels_last)
+
+    @classmethod
+    def from_onnx(cls, path: str, device: str = "auto", class_names: Optional[Sequence[str]] = None) -> Predictor:
+        """An .onnx from export.py; class_names may rename its classes, one name per class."""
+        onnx_model = OnnxModel(path, device)
+        names = _checked_renaming(onnx_model.class_names, class_names, path)
+        on_cuda = onnx_model.providers[0] == CUDA and torch.cuda.is_available()
+        predictor = cls(OnnxBackend(onnx_model), onnx_model.model_name, names, onnx_model.preprocess,
+                        torch.device("cuda") if on_cuda else torch.device("cpu"))
+        predictor.checkpoint_info = {key: onnx_model.metadata[key] for key in ("format", "created")
+                                     if key in onnx_model.metadata}
+        return predictor
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "auto", model_name: Optional[str] = None,
@@ -112,7 +188,8 @@ class Predictor:
             raise UsageError(f"{error}; it was built for {len(class_names)} classes ({model_name})") from None
         if channels_last is None:
             channels_last = prefers_channels_last(model_name, target)
-        predictor = cls(model, model_name, list(class_names), preprocess, target, amp, channels_last)
+        backend = TorchBackend(model, preprocess, target, amp, channels_last)
+        predictor = cls(backend, model_name, list(class_names), preprocess, target)
         predictor.checkpoint_info = {key: checkpoint[key] for key in _INFO_KEYS if key in checkpoint}
         return predictor
 
@@ -120,16 +197,11 @@ class Predictor:
         """One line for consoles and window titles."""
         height, width = self.preprocess.input_size
         return (f"{self.model_name}, {len(self.class_names)} classes, input {height}x{width} "
-                f"({self.preprocess.resize_mode}), on {describe_device(self.device)}")
+                f"({self.preprocess.resize_mode}), {self.backend.where()}")
 
-    @torch.inference_mode()
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW batch (already resized to input_size) -> (N, C) probabilities on the CPU."""
-        inputs = normalize_batch(images.to(self.device, non_blocking=True), self.preprocess,
-                                 channels_last=self.channels_last)
-        with torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext():
-            logits = self.model(inputs)
-        return logits.float().softmax(1).cpu()
+        return self.backend(images)
 
     def predict_arrays(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
         """RGB uint8 HWC arrays (any sizes) -> (N, C) probabilities."""

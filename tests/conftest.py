@@ -114,3 +114,12 @@ def trained_run(digits_root, tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr
     (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir()]
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def trained_onnx(trained_run, tmp_path_factory) -> Path:
+    """`trained_run`'s best.pth exported by export.py (parity-checked on its val split): the .onnx path."""
+    out = tmp_path_factory.mktemp("onnx")
+    result = run_script("export.py", "--weights", str(trained_run / "best.pth"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out / "best.onnx"

@@ -350,6 +350,66 @@ def test_bench_quick_prints_the_table():
     assert "(infer.py)" in rows[-1] and float(rows[-1].split("|")[3]) > 0
 
 
+# ---- an exported .onnx through onnxruntime (issue 13) ---------------------------------------------
+
+def test_onnx_gives_the_same_outputs_as_the_checkpoint_on_a_labelled_folder(weights, trained_onnx, digits_root,
+                                                                            tmp_path):
+    """infer.py on best.onnx (onnxruntime) and on best.pth (PyTorch): same top-1 for every image,
+    every class probability within 1e-4, the same metrics and the same files."""
+    runs = {}
+    for name, model_file in (("pth", weights), ("onnx", str(trained_onnx))):
+        result = infer_run("--weights", model_file, "--image_path", str(digits_root / "test"), "--topk", "10",
+                           "--device", "cpu", save_dir=tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        runs[name] = (result.stdout, run_dir_of(tmp_path / name))
+    assert "onnxruntime on CPU" in runs["onnx"][0] and "onnxruntime" not in runs["pth"][0]
+    (pth_rows, pth_report), (onnx_rows, onnx_report) = [
+        check_outputs_agree(run_dir, [r["path"] for r in read_csv(run_dir / "predictions.csv")])
+        for _, run_dir in runs.values()]
+    assert len(onnx_rows) == 270 and [r["path"] for r in onnx_rows] == [r["path"] for r in pth_rows]
+    assert [r["top1_class"] for r in onnx_rows] == [r["top1_class"] for r in pth_rows]
+    for pth_record, onnx_record in zip(pth_report["predictions"], onnx_report["predictions"]):
+        pth_probs = {pair["class"]: pair["probability"] for pair in pth_record["topk"]}
+        onnx_probs = {pair["class"]: pair["probability"] for pair in onnx_record["topk"]}
+        assert onnx_probs.keys() == pth_probs.keys() == set(DIGITS)
+        assert max(abs(onnx_probs[c] - pth_probs[c]) for c in DIGITS) <= 1e-4 + 1e-6  # + the 6-decimal rounding
+    assert onnx_report["metrics"] == pth_report["metrics"]
+    pth_dir, onnx_dir = runs["pth"][1], runs["onnx"][1]
+    assert read_csv(onnx_dir / "per_class.csv") == read_csv(pth_dir / "per_class.csv")
+    mistakes = [[(r["path"], r["predicted_class"]) for r in read_csv(d / "misclassified.csv")] for d in (pth_dir, onnx_dir)]
+    assert sorted(mistakes[0]) == sorted(mistakes[1])
+    pictures = {p.name for p in pth_dir.iterdir() if p.suffix in (".png", ".jpg")}
+    assert pictures >= {"confusion_matrix.png", "samples.png"}
+    assert {p.name for p in onnx_dir.iterdir() if p.suffix in (".png", ".jpg")} == pictures
+    assert onnx_report["checkpoint"] == str(trained_onnx)
+
+
+def test_onnx_is_told_by_its_content_and_onnx_flags_are_explained(weights, trained_onnx, photos, tmp_path, capsys):
+    renamed_onnx, renamed_pth = tmp_path / "model.bin", tmp_path / "really_a_checkpoint.onnx"
+    shutil.copy(trained_onnx, renamed_onnx)
+    shutil.copy(weights, renamed_pth)
+    assert Predictor.from_file(str(renamed_onnx), "cpu").backend.name == "onnxruntime"
+    assert Predictor.from_file(str(renamed_pth), "cpu").backend.name == "torch"
+    onnx_predictor = Predictor.from_file(str(trained_onnx), "cpu", class_names=[f"d{d}" for d in DIGITS])
+    assert onnx_predictor.class_names[:2] == ["d0", "d1"] and onnx_predictor.model is None
+
+    one_image = str(photos / "img2.png")
+    summary = infer.main(["--weights", str(renamed_onnx), "--image_path", one_image, "--amp", "--model", "vgg11",
+                          "--input_shape", "64", "--save_dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert summary["readable"] == 1 and "onnxruntime on CPU" in out
+    assert "note: --amp ignored: " in out and "note: --model vgg11 ignored" in out and "note: --input_shape ignored" in out
+
+    images = ["--image_path", one_image, "--save_dir", str(tmp_path / "bad")]
+    assert "--device mps: onnxruntime models run on auto, cpu, cuda or cuda:N" in fatal(
+        ["--weights", str(trained_onnx), "--device", "mps", *images], capsys)
+    assert "gives 3 names but" in fatal(["--weights", str(trained_onnx), "--categories", "a,b,c", *images], capsys)
+    (tmp_path / "junk.onnx").write_bytes(b"\x00not a model")
+    assert "junk.onnx is not a readable ONNX model" in fatal(["--weights", str(tmp_path / "junk.onnx"), *images],
+                                                             capsys)
+    assert not (tmp_path / "bad").exists()
+
+
 # ---- hostile files, folders and checkpoints (issue 11) -------------------------------------------
 
 MEASURED = ("import resource, subprocess, sys\n"  # runs the script as its only child, then reports its peak memory

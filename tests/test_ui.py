@@ -207,6 +207,29 @@ def test_run_browse_record_match_the_shared_metrics(qtbot, open_window, test_dir
     assert screenshot.stat().st_size > 10_000
 
 
+def test_onnx_model_loads_and_classifies_like_the_checkpoint(qtbot, trained_onnx, test_dir, reference):
+    """runui.py --weights best.onnx: onnxruntime behind the same worker, same answers and metrics."""
+    window = ViewerWindow(ViewerOptions(weights=str(trained_onnx), device="cpu", image_dir=str(test_dir),
+                                        batch_size=32))
+    qtbot.addWidget(window)
+    window.show()
+    try:
+        qtbot.waitUntil(lambda: window.model_info is not None or window.last_message is not None, timeout=60_000)
+        assert window.model_info is not None, window.last_message
+        assert window.model_info.class_names == reference["class_names"]
+        run_to_end(qtbot, window)
+        assert [p.path for p in window.predictions] == reference["paths"]
+        class_names = reference["class_names"]
+        assert [class_names[p.predicted_index] for p in window.predictions] == \
+            [reference["predicted"][p] for p in reference["paths"]]
+        assert max(abs(float(p.probabilities.max()) - reference["probability"][p.path])
+                   for p in window.predictions) <= 1e-4
+        assert torch.equal(window.live.values["confusion"], reference["metrics"]["confusion"])
+        assert window.live.values["top1"] == pytest.approx(reference["metrics"]["top1"], abs=1e-6)
+    finally:
+        window.shutdown()
+
+
 def test_autoplay_pause_and_resume(qtbot, open_window, test_dir):
     window = open_window(image_dir=str(test_dir), interval=0.02)
     run_to_end(qtbot, window)

@@ -28,7 +28,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Desktop viewer: classify a folder image by image with a trained checkpoint and watch the metrics.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--weights", default=None, help="checkpoint to load (logs/<run>/best.pth); or choose it in the window")
+    parser.add_argument("--weights", default=None, help="checkpoint to load (logs/<run>/best.pth) or an .onnx from export.py "
+                        "(run by onnxruntime); or choose it in the window")
     parser.add_argument("--image_dir", "--image-dir", default=None,
                         help="folder of images (sub-folders included); images in a folder named after a class count toward the metrics")
     parser.add_argument("--save_dir", "--save-dir", default=None,

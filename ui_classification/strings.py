@@ -102,7 +102,7 @@ TEXT: dict[str, dict[str, str]] = {
         "err_unexpected": "Unexpected error (the window stays open): {message}",
         # dialogs
         "dialog_checkpoint": "Choose a checkpoint",
-        "dialog_checkpoint_filter": "Checkpoints (*.pth *.pt);;All files (*)",
+        "dialog_checkpoint_filter": "Checkpoints (*.pth *.pt *.onnx);;All files (*)",
         "dialog_images": "Choose an image folder",
         "dialog_save": "Choose a folder for annotated images and records",
         "dialog_record": "Choose a folder for predictions.csv and the log",
@@ -189,7 +189,7 @@ TEXT: dict[str, dict[str, str]] = {
         "err_run_failed": "运行因错误而停止：{message}",
         "err_unexpected": "意外错误（窗口保持打开）：{message}",
         "dialog_checkpoint": "选择模型文件",
-        "dialog_checkpoint_filter": "模型文件 (*.pth *.pt);;所有文件 (*)",
+        "dialog_checkpoint_filter": "模型文件 (*.pth *.pt *.onnx);;所有文件 (*)",
         "dialog_images": "选择图片文件夹",
         "dialog_save": "选择保存标注图片和记录的文件夹",
         "dialog_record": "选择保存 predictions.csv 和日志的文件夹",

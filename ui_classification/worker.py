@@ -78,13 +78,13 @@ class InferenceWorker(QObject):
     def __init__(self, text: Text, **checkpoint_options: object):
         super().__init__()
         self.text = text
-        self.checkpoint_options = checkpoint_options  # Predictor.from_checkpoint's model_name, class_names, input_shape
+        self.checkpoint_options = checkpoint_options  # Predictor.from_file's model_name, class_names, input_shape
         self.predictor: Optional[Predictor] = None
 
     @pyqtSlot(str, str)
     def load(self, path: str, device: str) -> None:
         try:
-            predictor = Predictor.from_checkpoint(path, device=device, **self.checkpoint_options)
+            predictor = Predictor.from_file(path, device=device, **self.checkpoint_options)  # .pth, or .onnx
         except UsageError as error:
             self.load_failed.emit(path, str(error))
             return
