@@ -313,6 +313,7 @@ class TrainingRun:
     class_names: list[str]
     device: torch.device
     show_progress: bool
+    saved_epoch: int = 0  # the epoch last.pth holds (what a Ctrl-C message names)
 
     def training_state(self) -> dict:
         """What last.pth adds to a checkpoint so that the run can resume."""
@@ -333,16 +334,15 @@ def train_epochs(run: TrainingRun, start_epoch: int) -> str:
         log.info(f"Early stopping: the run {stop_note}; nothing left to train")
         return stop_note
     board = TensorBoard(run.run_dir) if args.tensorboard and is_main_process() else None
-    saved_epoch = start_epoch  # the epoch last.pth holds
+    run.saved_epoch = start_epoch
     try:
         for epoch in range(start_epoch + 1, args.epochs + 1):
             stop_note = train_epoch(run, epoch, board)
-            saved_epoch = epoch
             if stop_note:
                 log.info(f"Early stopping (--patience {args.patience}): {stop_note}")
                 break
     except KeyboardInterrupt:
-        log.info(f"\nInterrupted. {run.run_dir / 'last.pth'} holds epoch {saved_epoch}; continue with:\n"
+        log.info(f"\nInterrupted. {run.run_dir / 'last.pth'} holds epoch {run.saved_epoch}; continue with:\n"
                  f"  python train.py --resume_training {run.run_dir / 'last.pth'}")
         raise
     finally:
@@ -370,6 +370,7 @@ def train_epoch(run: TrainingRun, epoch: int, board: TensorBoard | None) -> str:
     row = run.history.add_epoch(epoch, train_stats, val, stop_note)  # in memory: last.pth carries it, then history.csv
     improved = run.saver.save_epoch(run.model, epoch, metrics, run.training_state,  # best.pth, last.pth, epoch_N.pth
                                     run.ema.module if run.ema else None)
+    run.saved_epoch = epoch
     run.history.write()
     run.history.plot(run.run_dir / "plots")
     if board:
