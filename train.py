@@ -69,6 +69,7 @@ from utils.distributed import (
     train_sampler,
     wrap_for_training,
 )
+from utils.ema import DEFAULT_EMA_DECAY, ModelEma
 from utils.engine import NonFiniteLossError, StepSettings, evaluate, train_one_epoch
 from utils.errors import UsageError
 from utils.files import check_output_dir
@@ -82,6 +83,7 @@ from utils.logger import (
     setup_logging,
     write_json,
 )
+from utils.losses import LOSSES, create_criterion
 from utils.metrics import (
     format_metrics,
     format_per_class,
@@ -95,6 +97,7 @@ from utils.transforms import (
     DEFAULT_INPUT_SIDE,
     RESIZE_MODES,
     Preprocess,
+    build_batch_mix,
     build_eval_transform,
     build_train_transform,
     parse_input_shape,
@@ -135,6 +138,15 @@ def add_data_args(data: argparse._ArgumentGroup) -> None:
                       help="brightness/contrast/saturation jitter strength, e.g. 0.2")
     data.add_argument("--crop_scale", "--crop-scale", type=float, default=0.08,
                       help="smallest area share a random resized crop may keep")
+    data.add_argument("--random_erase", "--random-erase", type=float, default=0.0, metavar="P",
+                      help="erase a random rectangle of a training image with this probability, e.g. 0.25")
+    data.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                      help="MixUp training batches with this Beta alpha, e.g. 0.2 (0: off)")
+    data.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
+                      help="CutMix training batches with this Beta alpha, e.g. 1.0 (0: off; with --mixup: one or "
+                           "the other per batch)")
+    data.add_argument("--sampler", choices=("shuffle", "balanced"), default="shuffle",
+                      help="balanced: draw each class equally often (imbalanced data), with replacement")
     data.add_argument("--num_classes", "--num-classes", type=int, default=None,
                       help="optional check: the dataset decides the classes; a different value is an error")
     data.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: by data size and cores)")
@@ -186,6 +198,12 @@ def add_optimisation_args(optim: argparse._ArgumentGroup) -> None:
                        help="cross-entropy label smoothing, e.g. 0.1")
     optim.add_argument("--class_weights", "--class-weights", choices=("none", "auto"), default="none",
                        help="auto: weight the loss by inverse class frequency (imbalanced data)")
+    optim.add_argument("--loss", choices=LOSSES, default="ce", help="ce: cross-entropy; focal: focal loss")
+    optim.add_argument("--focal_gamma", "--focal-gamma", type=float, default=2.0,
+                       help="--loss focal: how much less easy examples weigh (0 = cross-entropy)")
+    optim.add_argument("--ema", type=float, nargs="?", const=DEFAULT_EMA_DECAY, default=None, metavar="DECAY",
+                       help=f"keep an EMA of the weights (decay {DEFAULT_EMA_DECAY} when given without a value); "
+                            "validation, best.pth and the final report use it")
     optim.add_argument("--grad_clip", "--grad-clip", type=float, default=0.0, help="clip gradient norm (0: off)")
     optim.add_argument("--accum_steps", "--accum-steps", type=int, default=1,
                        help="accumulate gradients over this many batches per optimizer step")
@@ -201,6 +219,8 @@ def add_run_args(speed: argparse._ArgumentGroup, run: argparse._ArgumentGroup) -
     run.add_argument("--freq", type=int, default=0, help="also save epoch_<N>.pth every FREQ epochs (0: never)")
     run.add_argument("--best_metric", "--best-metric", choices=BEST_METRICS, default="top1",
                      help="validation metric that picks best.pth (ties broken by lower loss)")
+    run.add_argument("--patience", type=int, default=0, metavar="N",
+                     help="stop early when --best_metric has not improved for N epochs (0: never)")
     run.add_argument("--resume_training", "--resume-training", default=None,
                      help="continue a run from its last.pth (same run folder); 'auto' = newest run in --log_dir")
     run.add_argument("--resume", dest="resume_training", help="alias of --resume_training")
@@ -256,54 +276,130 @@ def run_training(argv: list[str] | None, new_run_folders: list[Path]) -> dict:
     train_model, eval_model = wrap_for_training(model, device, args.compile, args.sync_bn)  # DDP under torchrun
     criterion, optimizer, scheduler, scaler, settings = make_optimisation(args, model, scan, train_loader,
                                                                           start.preprocess, device, log)
+    ema = make_ema(args, model, log)  # --ema: validation, best.pth and the final report use its weights
 
     # ---- checkpoints and history ------------------------------------------------------------
     saver = CheckpointSaver(run_dir if main_process else None, run_record(args, class_names, start),
                             args.best_metric, args.freq)
     start_epoch, saver.best, history_rows = restore_training_state(
-        resume, model, optimizer, scheduler, scaler, scheduler_steps(args, train_loader), args, log) if resume else (0, None, [])
+        resume, model, ema, optimizer, scheduler, scaler, scheduler_steps(args, train_loader), args, log) if resume else (0, None, [])
     history = History(run_dir if main_process else None, history_rows)
-    board = TensorBoard(run_dir) if args.tensorboard and main_process else None
-
-    def training_state() -> dict:  # what last.pth adds to a checkpoint so that the run can resume
-        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None, "rng": capture_rng_state(), "history": history.rows}
-
+    run = TrainingRun(args, run_dir, log, model, train_model, eval_model, ema, train_loader, eval_loaders, criterion,
+                      optimizer, scheduler, scaler, settings, saver, history, class_names, device,
+                      sys.stderr.isatty() and not args.quiet and main_process)
     if not resume:
-        saver.save_start(model, training_state())  # Ctrl-C in epoch 1 is resumable too
+        saver.save_start(model, run.training_state())  # Ctrl-C in epoch 1 is resumable too
 
-    # ---- the epoch loop ---------------------------------------------------------------------
-    show_progress = sys.stderr.isatty() and not args.quiet and main_process
-    saved_epoch = start_epoch  # the epoch last.pth holds
+    # ---- the epoch loop, then the best epoch on val and test --------------------------------
+    stop_note = train_epochs(run, start_epoch)
+    return final_report(run, stop_note)
+
+
+@dataclass
+class TrainingRun:
+    """What the epoch loop works with, built by run_training."""
+
+    args: argparse.Namespace
+    run_dir: Path
+    log: logging.Logger
+    model: nn.Module  # the plain model: its weights are the ones trained and saved
+    train_model: nn.Module  # `model`, or DDP / torch.compile around it
+    eval_model: nn.Module
+    ema: ModelEma | None
+    train_loader: DataLoader
+    eval_loaders: dict
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    settings: StepSettings
+    saver: CheckpointSaver
+    history: History
+    class_names: list[str]
+    device: torch.device
+    show_progress: bool
+    saved_epoch: int = 0  # the epoch last.pth holds (what a Ctrl-C message names)
+
+    def training_state(self) -> dict:
+        """What last.pth adds to a checkpoint so that the run can resume."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None, "rng": capture_rng_state(),
+                "history": self.history.rows, "ema": self.ema.state_dict() if self.ema else None}
+
+    def validated_model(self) -> nn.Module:
+        """The weights validation judges and best.pth keeps: the EMA's under --ema."""
+        return self.ema.module if self.ema else self.eval_model
+
+
+def train_epochs(run: TrainingRun, start_epoch: int) -> str:
+    """The epochs after `start_epoch`; returns the early-stop note ("" when the run went to the end)."""
+    args, log = run.args, run.log
+    stop_note = early_stop_note(args, run.saver.best, start_epoch)  # a resumed run that had stopped already
+    if stop_note:
+        log.info(f"Early stopping: the run {stop_note}; nothing left to train")
+        return stop_note
+    board = TensorBoard(run.run_dir) if args.tensorboard and is_main_process() else None
+    run.saved_epoch = start_epoch
     try:
         for epoch in range(start_epoch + 1, args.epochs + 1):
-            begin_epoch(train_loader, args.seed, epoch)  # seeds shuffling/augmentation (per rank under torchrun)
-            if args.freeze_backbone and args.unfreeze_epoch and epoch >= args.unfreeze_epoch:
-                set_backbone_trainable(model, True, [])  # the optimizer already holds every parameter
-                train_model = follow_unfreeze(train_model, model, device, args.compile)  # DDP: sync those too
-            with explain_training_errors(args):  # a diverged loss or a batch BatchNorm cannot take: one line
-                train_stats = train_one_epoch(train_model, train_loader, criterion, optimizer, scheduler, settings,
-                                              scaler, args.accum_steps, args.grad_clip, f"epoch {epoch}/{args.epochs}",
-                                              show_progress)
-            val = evaluate(eval_model, eval_loaders["val"], EVAL_CRITERION, settings, len(class_names), "val", show_progress)
-            row = history.add_epoch(epoch, train_stats, val)  # in memory: last.pth carries it, then history.csv
-            metrics = {k: v for k, v in val.items() if k != "confusion"}
-            improved = saver.save_epoch(model, epoch, metrics, training_state)  # best.pth, last.pth, epoch_N.pth
-            saved_epoch = epoch
-            history.write()
-            history.plot(run_dir / "plots")
-            if board:
-                board.log(row, epoch)
-            log.info(epoch_summary(epoch, args.epochs, train_stats, metrics, improved))
+            stop_note = train_epoch(run, epoch, board)
+            if stop_note:
+                log.info(f"Early stopping (--patience {args.patience}): {stop_note}")
+                break
     except KeyboardInterrupt:
-        log.info(f"\nInterrupted. {run_dir / 'last.pth'} holds epoch {saved_epoch}; continue with:\n"
-                 f"  python train.py --resume_training {run_dir / 'last.pth'}")
+        log.info(f"\nInterrupted. {run.run_dir / 'last.pth'} holds epoch {run.saved_epoch}; continue with:\n"
+                 f"  python train.py --resume_training {run.run_dir / 'last.pth'}")
         raise
     finally:
         if board:
             board.close()
+    return stop_note
 
-    return final_report(run_dir, model, eval_loaders, settings, class_names, log, show_progress)
+
+def train_epoch(run: TrainingRun, epoch: int, board: TensorBoard | None) -> str:
+    """Train and validate one epoch, save its checkpoints and history row; returns the early-stop note."""
+    args = run.args
+    begin_epoch(run.train_loader, args.seed, epoch)  # seeds shuffling/augmentation (per rank under torchrun)
+    if args.freeze_backbone and args.unfreeze_epoch and epoch >= args.unfreeze_epoch:
+        set_backbone_trainable(run.model, True, [])  # the optimizer already holds every parameter
+        run.train_model = follow_unfreeze(run.train_model, run.model, run.device, args.compile)  # DDP: sync those too
+    with explain_training_errors(args):  # a diverged loss or a batch BatchNorm cannot take: one line
+        train_stats = train_one_epoch(run.train_model, run.train_loader, run.criterion, run.optimizer, run.scheduler,
+                                      run.settings, run.scaler, args.accum_steps, args.grad_clip,
+                                      f"epoch {epoch}/{args.epochs}", run.show_progress, run.ema)
+    val = evaluate(run.validated_model(), run.eval_loaders["val"], EVAL_CRITERION, run.settings, len(run.class_names),
+                   "val", run.show_progress)
+    metrics = {k: v for k, v in val.items() if k != "confusion"}
+    best = {"epoch": epoch} if run.saver.improves(metrics) else run.saver.best
+    stop_note = early_stop_note(args, best, epoch)
+    row = run.history.add_epoch(epoch, train_stats, val, stop_note)  # in memory: last.pth carries it, then history.csv
+    improved = run.saver.save_epoch(run.model, epoch, metrics, run.training_state,  # best.pth, last.pth, epoch_N.pth
+                                    run.ema.module if run.ema else None)
+    run.saved_epoch = epoch
+    run.history.write()
+    run.history.plot(run.run_dir / "plots")
+    if board:
+        board.log(row, epoch)
+    run.log.info(epoch_summary(epoch, args.epochs, train_stats, metrics, improved, run.ema is not None))
+    return stop_note
+
+
+def early_stop_note(args: argparse.Namespace, best: dict | None, epoch: int) -> str:
+    """--patience: after `epoch`, with the best epoch so far `best`, why the run stops now; "" to go on."""
+    if not args.patience or best is None or epoch - best["epoch"] < args.patience:
+        return ""
+    waited = epoch - best["epoch"]
+    return (f"stopped early after epoch {epoch}: val {args.best_metric} has not improved in the {waited} "
+            f"epoch{'s' if waited > 1 else ''} since its best, epoch {best['epoch']}")
+
+
+def make_ema(args: argparse.Namespace, model: nn.Module, log: logging.Logger) -> ModelEma | None:
+    """--ema: the averaged copy of the plain model (never of DDP or torch.compile around it)."""
+    if args.ema is None:
+        return None
+    log.info(f"EMA of the weights (--ema {args.ema}, warmed up): validation, best.pth and the final report "
+             "use the EMA weights; last.pth keeps both")
+    return ModelEma(model, args.ema)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -322,12 +418,20 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
     if not 0 < args.crop_scale <= 1:
         raise UsageError(f"--crop_scale must be in (0, 1], got {args.crop_scale}")
+    if not 0 <= args.random_erase <= 1:
+        raise UsageError(f"--random_erase must be between 0 and 1, got {args.random_erase}")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise UsageError(f"--ema must be a decay between 0 and 1 (exclusive), e.g. 0.9998, got {args.ema}")
+    for flag, value in {"--mixup": args.mixup, "--cutmix": args.cutmix, "--focal_gamma": args.focal_gamma,
+                        "--patience": args.patience}.items():
+        if value < 0:
+            raise UsageError(f"{flag} must be 0 or more, got {value}")
 
 
-def epoch_summary(epoch: int, epochs: int, train_stats: dict, metrics: dict, improved: bool) -> str:
+def epoch_summary(epoch: int, epochs: int, train_stats: dict, metrics: dict, improved: bool, ema: bool = False) -> str:
     """The console line of one epoch."""
     return (f"epoch {epoch}/{epochs}  lr {train_stats['lr']:.2e}  train loss {train_stats['loss']:.4f} "
-            f"acc {train_stats['acc']:.2%}  |  val {format_metrics(metrics)}  |  "
+            f"acc {train_stats['acc']:.2%}  |  val{' (EMA)' if ema else ''} {format_metrics(metrics)}  |  "
             f"{train_stats['time']:.1f}s {train_stats['images_per_s']:.0f} img/s{'  *best' if improved else ''}")
 
 
@@ -434,10 +538,11 @@ def make_loaders(args: argparse.Namespace, scan: DatasetScan, preprocess: Prepro
     workers = default_workers(len(scan.splits["train"])) if args.workers is None else args.workers
     generator = torch.Generator().manual_seed(args.seed)  # reseeded each epoch: exact resume
     train_set = ImageDataset(scan.splits["train"], build_train_transform(
-        preprocess, args.augment, args.hflip, args.color_jitter, args.crop_scale))
+        preprocess, args.augment, args.hflip, args.color_jitter, args.crop_scale, args.random_erase))
     eval_transform = build_eval_transform(preprocess)
+    balanced_labels = [label for _, label in scan.splits["train"]] if args.sampler == "balanced" else None
     train_loader = create_dataloader(train_set, args.batch_size, True, workers, device, generator,
-                                     sampler=train_sampler(train_set, args.seed))
+                                     sampler=train_sampler(train_set, args.seed, balanced_labels))
     eval_sets = {split: ImageDataset(samples, eval_transform, eval_size=preprocess.input_size)  # unreadable: left out
                  for split, samples in scan.splits.items() if split != "train"}
     eval_loaders = {split: create_dataloader(dataset, args.batch_size, False, workers, device, sampler=eval_sampler(dataset))
@@ -484,7 +589,7 @@ def make_optimisation(args: argparse.Namespace, model: nn.Module, scan: DatasetS
                       preprocess: Preprocess, device: torch.device, log: logging.Logger) -> tuple:
     """(criterion, optimizer, per-iteration scheduler, fp16 grad scaler or None, StepSettings)."""
     class_weight = inverse_frequency_weights(scan.counts("train")).to(device) if args.class_weights == "auto" else None
-    criterion = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=args.label_smoothing)
+    criterion = create_criterion(args.loss, class_weight, args.label_smoothing, args.focal_gamma).to(device)
     lr = scaled_lr(args.lr, args.lr_scale)
     optimizer = create_optimizer(model, args.optimizer_type, lr, args.momentum, args.weight_decay)
     steps_per_epoch = scheduler_steps(args, train_loader)
@@ -492,7 +597,8 @@ def make_optimisation(args: argparse.Namespace, model: nn.Module, scan: DatasetS
                                  args.warmup_epochs, args.step_size, args.milestones, args.gamma)
     dtype = amp_dtype(device, args.amp)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    settings = StepSettings(device, preprocess, dtype, args.channels_last, train_mode=train_mode)
+    settings = StepSettings(device, preprocess, dtype, args.channels_last, train_mode=train_mode,
+                            batch_mix=build_batch_mix(args.mixup, args.cutmix, len(scan.class_names)))
     log.info(f"Device: {describe_device(device)}; precision: {dtype or torch.float32}; "
              f"workers: {train_loader.num_workers}; layout: {'channels_last' if args.channels_last else 'NCHW'}; "
              f"batch {args.batch_size} x accum {args.accum_steps}; {steps_per_epoch} steps/epoch")
@@ -594,12 +700,14 @@ def format_flag(key: str, value: object) -> str:
     return f"--{key} {value}"
 
 
-def restore_training_state(resume: ResumeState, model: nn.Module, optimizer, scheduler, scaler, steps_per_epoch: int,
-                           args: argparse.Namespace, log: logging.Logger) -> tuple[int, dict | None, list]:
-    """Weights, optimizer, schedule, scaler and RNG as last.pth left them; (epoch, best, history rows)."""
+def restore_training_state(resume: ResumeState, model: nn.Module, ema: ModelEma | None, optimizer, scheduler, scaler,
+                           steps_per_epoch: int, args: argparse.Namespace, log: logging.Logger) -> tuple[int, dict | None, list]:
+    """Weights (and EMA), optimizer, schedule, scaler and RNG as last.pth left them; (epoch, best, history rows)."""
     checkpoint, epochs = resume.checkpoint, args.epochs
     log.info(f"Resumed from {args.resume_training} after epoch {checkpoint['epoch']}")
     model.load_state_dict(checkpoint["state_dict"])
+    if ema is not None:
+        ema.load_state_dict(checkpoint["ema"])
     restore_schedule(optimizer, scheduler, checkpoint["optimizer"], checkpoint["scheduler"],
                      checkpoint["epoch"] * steps_per_epoch, new_length=epochs != checkpoint["args"].get("epochs"))
     if scaler and checkpoint.get("scaler"):
@@ -642,15 +750,18 @@ def describe_model(model: nn.Module, name: str, preprocess: Preprocess, run_dir:
             f"{stats.total_mult_adds / 1e9:.3f} GMACs per {height}x{width} image")
 
 
-def final_report(run_dir: Path, model: nn.Module, eval_loaders: dict, settings: StepSettings,
-                 class_names: list[str], log, show_progress: bool) -> dict:
-    """Evaluate best.pth on val (per-class table, confusion matrix) and on test if there is one."""
+def final_report(run: TrainingRun, stop_note: str) -> dict:
+    """Evaluate best.pth (the EMA weights under --ema) on val (per-class table, confusion matrix)
+    and on test if there is one; say whether the run stopped early."""
+    run_dir, model, class_names, log = run.run_dir, run.model, run.class_names, run.log
     best = on_main_process(load_checkpoint, run_dir / "best.pth")  # rank 0 wrote it; other machines may not see it
     unwrap_model(model).load_state_dict(best["state_dict"])
-    log.info(f"\nBest model: epoch {best['epoch']} ({run_dir / 'best.pth'})")
+    log.info(f"\nBest model: epoch {best['epoch']} ({run_dir / 'best.pth'}{', EMA weights' if run.ema else ''})")
+    if stop_note:
+        log.info(f"The run {stop_note}")
     results = {}
-    for split, loader in eval_loaders.items():
-        metrics = evaluate(model, loader, EVAL_CRITERION, settings, len(class_names), split, show_progress)
+    for split, loader in run.eval_loaders.items():
+        metrics = evaluate(model, loader, EVAL_CRITERION, run.settings, len(class_names), split, run.show_progress)
         rows = per_class_rows(metrics["confusion"], class_names)
         results[split] = {k: v for k, v in metrics.items() if k != "confusion"}
         if not is_main_process():
@@ -661,7 +772,8 @@ def final_report(run_dir: Path, model: nn.Module, eval_loaders: dict, settings: 
         write_per_class_csv(rows, run_dir / f"per_class{suffix}.csv")
         log.info(f"{split}: {format_metrics(metrics)}\n{format_per_class(rows)}")
         if split == "test":
-            write_json({"checkpoint": str(run_dir / "best.pth"), "epoch": best["epoch"], **results[split],
+            write_json({"checkpoint": str(run_dir / "best.pth"), "epoch": best["epoch"], "ema": run.ema is not None,
+                        "early_stop": stop_note or None, **results[split],
                         "per_class": rows, "confusion_matrix": metrics["confusion"].tolist()},
                        run_dir / "test_metrics.json")
     log.info(f"Run folder: {run_dir}")

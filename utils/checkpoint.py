@@ -10,6 +10,8 @@ pickle; weights_only refuses files that would run code):
     preprocess   utils.transforms.Preprocess as a dict
     epoch, metrics, best_metric, args, versions, created, pretrained
     optimizer, scheduler, scaler, rng, history     only in resumable checkpoints (last.pth)
+    ema          under --ema, in last.pth: the averaged weights ({"state_dict", "updates", "decay"});
+                 last.pth's own state_dict is then the trained weights, best.pth's the EMA's
 
 A bare state_dict (what other templates save) is read too; the caller then supplies the model
 name, the class names and the input size.
@@ -303,19 +305,29 @@ class CheckpointSaver:
         """last.pth before the first epoch, so a Ctrl-C during epoch 1 is resumable too."""
         self._write("last.pth", self.build(model, 0, {}, training_state))
 
+    def improves(self, metrics: Mapping[str, Any]) -> bool:
+        """Whether an epoch with these validation metrics would be the best so far."""
+        return self.best is None or is_better(metrics, self.best, self.best_metric)
+
     def save_epoch(self, model: nn.Module, epoch: int, metrics: Mapping[str, Any],
-                   training_state: Callable[[], Mapping[str, Any]]) -> bool:
-        """Write the files this epoch calls for; return whether it is the best epoch so far."""
-        improved = self.best is None or is_better(metrics, self.best, self.best_metric)
+                   training_state: Callable[[], Mapping[str, Any]], evaluated: Optional[nn.Module] = None) -> bool:
+        """Write the files this epoch calls for; return whether it is the best epoch so far.
+
+        `evaluated` is the model whose weights gave `metrics` when that is not `model` (the EMA
+        under --ema): best.pth and epoch_N.pth hold its weights; last.pth holds the trained
+        model's, and training_state() carries the rest (the EMA's own weights among them).
+        """
+        improved = self.improves(metrics)
         if improved:
             self.best = {"epoch": epoch, self.best_metric: metrics[self.best_metric], "loss": metrics["loss"]}
         if self.run_dir is None:
             return improved
+        evaluated = model if evaluated is None else evaluated
         if improved:
-            self._write("best.pth", self.build(model, epoch, metrics))
+            self._write("best.pth", self.build(evaluated, epoch, metrics))
         self._write("last.pth", self.build(model, epoch, metrics, training_state()))
         if self.freq and epoch % self.freq == 0:
-            self._write(f"epoch_{epoch}.pth", self.build(model, epoch, metrics))
+            self._write(f"epoch_{epoch}.pth", self.build(evaluated, epoch, metrics))
         return improved
 
     def _write(self, name: str, checkpoint: dict) -> None:

@@ -24,14 +24,15 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, WeightedRandomSampler
 
 from utils.device import select_device
 from utils.errors import UsageError
@@ -252,8 +253,45 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.num_samples, self.world_size))
 
 
-def train_sampler(dataset: Dataset, seed: int) -> Optional[DistributedSampler]:
-    """A DistributedSampler (same `seed` on every rank, reshuffled by begin_epoch); None in one process."""
+class BalancedSampler(Sampler[int]):
+    """Class-balanced sampling (--sampler balanced): an epoch of len(labels) draws with
+    replacement, each image weighted 1 / (its class's image count), so every class is drawn
+    equally often on average, whatever its size. Rare-class images repeat within an epoch;
+    some images of large classes are not seen in it.
+
+    The draws come from torch's WeightedRandomSampler with a generator seeded from (seed,
+    epoch) (`set_epoch`, called by begin_epoch): the same sequence on every rank, of which
+    rank r of W takes draws r, r + W, ... (the sequence is padded to a multiple of W), and an
+    epoch replays exactly on resume.
+    """
+
+    def __init__(self, labels: Sequence[int], seed: int, rank: Optional[int] = None,
+                 world_size: Optional[int] = None):
+        counts = Counter(labels)
+        self.weights = torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.float64)
+        self.seed, self.epoch = seed, 0
+        self.rank = get_rank() if rank is None else rank
+        self.world_size = get_world_size() if world_size is None else world_size
+        self.total = math.ceil(len(labels) / self.world_size) * self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        draws = list(WeightedRandomSampler(self.weights, self.total, replacement=True, generator=generator))
+        return iter(draws[self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        return self.total // self.world_size
+
+
+def train_sampler(dataset: Dataset, seed: int, balanced_labels: Optional[Sequence[int]] = None) -> Optional[Sampler]:
+    """The training sampler: a BalancedSampler over `balanced_labels` (the training labels) when
+    given; else a DistributedSampler under torchrun (same `seed` on every rank, reshuffled by
+    begin_epoch); None in one process (the DataLoader shuffles)."""
+    if balanced_labels is not None:
+        return BalancedSampler(balanced_labels, seed)
     if not is_distributed():
         return None
     return DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False)
@@ -274,12 +312,12 @@ def begin_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
 
     The loader's generator seeds shuffling and the DataLoader workers' augmentation. Under
     torchrun the DistributedSampler reshuffles with `epoch` (the same order on every rank,
-    each rank taking its share), and torch's global RNG (augmentation without workers,
-    dropout) is reseeded per rank: ranks draw differently, and a resumed run needs no
+    each rank taking its share; a BalancedSampler draws by `epoch` in one process too), and
+    torch's global RNG (augmentation without workers, dropout) is reseeded per rank: ranks draw differently, and a resumed run needs no
     per-rank RNG state in the checkpoint.
     """
     epoch_seed = seed + epoch
-    if isinstance(loader.sampler, DistributedSampler):
+    if hasattr(loader.sampler, "set_epoch"):  # DistributedSampler, BalancedSampler
         loader.sampler.set_epoch(epoch)
     if loader.generator is not None:
         loader.generator.manual_seed(rank_seed(epoch_seed))

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from utils.data import UNREADABLE
 from utils.distributed import broadcast_buffers, gradient_sync, sum_over_ranks
+from utils.ema import ModelEma
 from utils.metrics import ClassificationMetrics
 from utils.transforms import Preprocess, normalize_batch
 
@@ -36,6 +37,9 @@ class StepSettings:
     # How train_one_epoch puts the model in training mode; train.py passes models.finetune.train_mode,
     # which keeps BatchNorms frozen by --freeze_backbone in eval mode (their statistics stay fixed).
     train_mode: Callable[[nn.Module], object] = nn.Module.train
+    # MixUp/CutMix on each normalised training batch (utils.transforms.build_batch_mix): the
+    # targets become soft (rows of class weights), which the losses take as they are.
+    batch_mix: Optional[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -78,11 +82,14 @@ def train_one_epoch(
     grad_clip: float = 0.0,
     description: str = "train",
     show_progress: bool = True,
+    ema: Optional[ModelEma] = None,
 ) -> dict:
-    """One pass over `loader`; the scheduler steps once per optimizer step.
+    """One pass over `loader`; the scheduler steps, and `ema` updates, once per optimizer step.
 
     Returns {"loss", "acc", "images", "time", "images_per_s", "lr"} (loss and accuracy are
-    running means over the epoch's training batches, of all ranks under torchrun).
+    running means over the epoch's training batches, of all ranks under torchrun). With
+    settings.batch_mix the accuracy counts a prediction right when it is the label with the
+    larger share of the mixed image (its dominant label).
     """
     settings.train_mode(model)
     loss_sum = torch.zeros((), device=settings.device)
@@ -93,6 +100,8 @@ def train_one_epoch(
     bar = progress_bar(loader, description, show_progress)
     for step, (images, targets) in enumerate(bar, start=1):
         images, targets = settings.prepare(images, targets)
+        if settings.batch_mix is not None:
+            images, targets = settings.batch_mix(images, targets)
         optimizer_step = step % accum_steps == 0 or step == len(loader)
         with gradient_sync(model, enabled=optimizer_step):
             with settings.autocast():
@@ -101,10 +110,13 @@ def train_one_epoch(
         if optimizer_step:
             _optimizer_step(model, optimizer, scaler, grad_clip)
             scheduler.step()
-        batch = targets.numel()
+            if ema is not None:
+                ema.update(model)
+        labels = targets.argmax(1) if targets.ndim == 2 else targets  # soft targets: the dominant label
+        batch = labels.numel()
         seen += batch
         loss_sum += loss.detach() * batch
-        correct += (logits.detach().argmax(1) == targets).sum()
+        correct += (logits.detach().argmax(1) == labels).sum()
         if step % 10 == 0 or step == len(loader):  # reading values syncs a GPU: not every step
             mean_loss = loss_sum.item() / seen
             if not math.isfinite(mean_loss):

@@ -27,6 +27,7 @@ from utils.files import check_output_dir
 
 HISTORY_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_f1", "epoch_time", "images_per_s",
+    "note",  # empty, or why the run ended after this epoch ("stopped early: ...", --patience)
 ]
 
 
@@ -157,11 +158,12 @@ class History:
         self.rows: list[dict] = list(rows or [])
         self.write()
 
-    def add_epoch(self, epoch: int, train_stats: dict, val: dict) -> dict:
+    def add_epoch(self, epoch: int, train_stats: dict, val: dict, note: str = "") -> dict:
         """The row of a finished epoch, from train_one_epoch's and evaluate's results; appended and returned."""
         row = {"epoch": epoch, "lr": train_stats["lr"], "train_loss": train_stats["loss"],
                "train_acc": train_stats["acc"], "val_loss": val["loss"], "val_acc": val["top1"],
-               "val_f1": val["f1"], "epoch_time": train_stats["time"], "images_per_s": train_stats["images_per_s"]}
+               "val_f1": val["f1"], "epoch_time": train_stats["time"], "images_per_s": train_stats["images_per_s"],
+               "note": note}
         self.append(row)
         return row
 

@@ -27,7 +27,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_MODES = ("crop", "letterbox", "stretch")
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")  # what resizing uint8 tensors supports
-AUGMENTS = ("none", "basic", "randaugment", "trivialaugment")
+AUGMENTS = ("none", "basic", "randaugment", "trivialaugment", "autoaugment", "augmix")
 TRAIN_CACHE_MARGIN = 1.25  # cached training images keep 25% more than the input size (see build_cache_transform)
 DEFAULT_INPUT_SIDE = 224  # the one default input size (train.py, infer.py, export.py, the registry)
 MAX_INPUT_SIDE = 4096  # a model input side beyond this is a mistake: 64 images of 4096^2 take 12 GiB as floats
@@ -195,13 +195,17 @@ def build_train_transform(
     hflip: float = 0.5,
     color_jitter: float = 0.0,
     crop_scale: float = 0.08,
+    random_erase: float = 0.0,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Training augmentation on uint8 CHW tensors.
 
     none:           the eval resize only (no randomness)
     basic:          random resized crop (crop/stretch modes) or letterbox + random scale/shift,
                     horizontal flip, optional colour jitter
-    randaugment / trivialaugment: basic + that policy (torchvision's implementations)
+    randaugment / trivialaugment / autoaugment (the ImageNet policy) / augmix:
+                    basic + that policy (torchvision's implementations)
+    random_erase:   then, with this probability, erase a random rectangle to the mean colour
+                    (Zhong et al. 2017; 0 after normalisation, as the torchvision references do)
     """
     if augment not in AUGMENTS:
         raise UsageError(f"--augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
@@ -230,9 +234,29 @@ def build_train_transform(
         steps.append(T.RandAugment(interpolation=interpolation))
     elif augment == "trivialaugment":
         steps.append(T.TrivialAugmentWide(interpolation=interpolation))
+    elif augment == "autoaugment":
+        steps.append(T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, interpolation=interpolation))
+    elif augment == "augmix":
+        steps.append(T.AugMix(interpolation=interpolation))
     if color_jitter > 0:
         steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
+    if random_erase > 0:
+        steps.append(T.RandomErasing(random_erase, value=_mean_fill(pre)))
     return T.Compose(steps)
+
+
+def build_batch_mix(mixup: float, cutmix: float, num_classes: int) -> Optional[Callable]:
+    """MixUp (alpha `mixup`) and/or CutMix (alpha `cutmix`) on a normalised batch, one of the two
+    picked per batch when both are on (as the torchvision references do); None when both are 0.
+
+    Called as `images, soft_targets = mix(images, class_indices)`: the soft targets are the
+    mixing weights of the two labels of each image (each row sums to 1).
+    """
+    mixes = [kind(alpha=alpha, num_classes=num_classes)
+             for kind, alpha in ((T.MixUp, mixup), (T.CutMix, cutmix)) if alpha > 0]
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else T.RandomChoice(mixes)
 
 
 def normalize_batch(
