@@ -112,7 +112,7 @@ def trained_run(digits_root, tmp_path_factory) -> Path:
                         "--input_shape", "32", "--epochs", "2", "--hflip", "0", "--crop_scale", "0.5",
                         "--log_dir", str(log_dir), "--workers", "0")
     assert result.returncode == 0, result.stderr
-    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir()]
+    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     return run_dir
 
 

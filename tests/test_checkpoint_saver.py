@@ -91,7 +91,7 @@ def test_resume_of_a_pretrained_run_keeps_the_weights_recipe(tmp_path, local_ima
     common = ["--dataset_path", str(data), "--model", model_name, "--log_dir", str(tmp_path / "logs"),
               "--batch_size", "3", "--workers", "0", "--quiet"]
     train.main([*common, "--pretrained", "--epochs", "1"])
-    run_dir = next((tmp_path / "logs").iterdir())
+    (run_dir,) = [p.parent for p in (tmp_path / "logs").glob("*/last.pth")]
     first = load_checkpoint(run_dir / "last.pth")
     assert first["preprocess"]["input_size"] == input_size and first["args"]["input_shape"] is None
     assert first["pretrained"]["weights"] and first["pretrained"]["recipe"]["input_size"] == input_size

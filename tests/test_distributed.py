@@ -168,7 +168,7 @@ def test_a_crash_on_one_rank_ends_the_job_and_keeps_the_last_epoch(crashed_run):
     result, log_dir = crashed_run  # torchrun returned within LAUNCH_TIMEOUT_S, else TimeoutExpired
     assert result.returncode != 0
     assert "failure injected on rank 1" in result.stdout + result.stderr
-    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir()]
+    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert load_checkpoint(run_dir / "last.pth")["epoch"] == 1
 
 
@@ -184,7 +184,7 @@ def assert_val_metrics_cover_the_whole_split(run_dir: Path, dataset: Path) -> No
 
 def assert_resumed_run_finished(log_dir: Path, run_dir: Path, dataset: Path) -> None:
     """The resumed run finished epoch 2 in its own folder (still the only one), written by rank 0 alone."""
-    assert [p for p in log_dir.iterdir() if p.is_dir()] == [run_dir]
+    assert [p for p in log_dir.iterdir() if p.is_dir() and not p.name.startswith(".")] == [run_dir]
     with open(run_dir / "history.csv", encoding="utf-8") as file:
         assert [row["epoch"] for row in csv.DictReader(file)] == ["1", "2"]
     log_text = (run_dir / "train.log").read_text(encoding="utf-8")
@@ -198,13 +198,13 @@ def assert_resumed_run_finished(log_dir: Path, run_dir: Path, dataset: Path) -> 
 
 def test_validation_metrics_over_both_ranks_equal_a_single_process_evaluation(crashed_run, small_digits):
     _, log_dir = crashed_run
-    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir()]
+    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert_val_metrics_cover_the_whole_split(run_dir, small_digits)
 
 
 def test_resume_under_torchrun_finishes_in_the_same_single_run_folder(crashed_run, small_digits):
     _, log_dir = crashed_run
-    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir()]
+    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     result = torchrun(2, "--dataset_path", str(small_digits), "--resume_training", str(run_dir / "last.pth"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "16 per process x 2 processes x 1 accumulation = 32 images per optimizer step" in result.stdout
@@ -234,7 +234,7 @@ def test_two_nodes_write_one_run_folder_and_validate_on_the_whole_split(two_node
     assert sum("failure injected on rank 1" in output for output in outputs) == 1
     assert sum("error: [rank 0] lost contact with the other training processes" in output for output in outputs) == 1
     assert sum("Run folder:" in node.stdout for node in nodes) == 1  # rank 0 alone prints
-    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir()]  # and alone creates the run folder
+    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]  # and alone creates the run folder
     assert load_checkpoint(run_dir / "last.pth")["epoch"] == 1
     assert_val_metrics_cover_the_whole_split(run_dir, small_digits)  # both nodes' shards, summed
 
@@ -243,7 +243,7 @@ def test_two_nodes_write_one_run_folder_and_validate_on_the_whole_split(two_node
 def test_two_nodes_resume_with_static_rendezvous_and_finish_in_the_same_folder(two_node_crashed_run, small_digits,
                                                                               tmp_path):
     _, log_dir = two_node_crashed_run
-    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir()]
+    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     port = free_loopback_port()
     static = [["--nnodes=2", f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
               for rank in (0, 1)]

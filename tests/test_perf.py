@@ -162,7 +162,7 @@ def test_resume_with_workers_is_exact_under_deterministic(tmp_path):
     for epochs in ("2", "1"):
         result = run_script("train.py", *common, "--epochs", epochs, "--log_dir", str(tmp_path / epochs))
         assert result.returncode == 0, result.stderr
-    (whole,), (split,) = (tmp_path / "2").iterdir(), (tmp_path / "1").iterdir()
+    (whole,), (split,) = ([p.parent for p in (tmp_path / epochs).glob("*/last.pth")] for epochs in ("2", "1"))
     checkpoint = torch.load(split / "last.pth", weights_only=True)
     checkpoint["args"]["epochs"] = 2
     torch.save(checkpoint, split / "last.pth")

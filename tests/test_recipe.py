@@ -37,7 +37,7 @@ def _history(run_dir: Path) -> list[dict]:
 
 
 def _only_run(log_dir: Path) -> Path:
-    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir()]
+    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     return run_dir
 
 

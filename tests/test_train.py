@@ -23,7 +23,7 @@ FAST = ["--model", "mobilenet_v3_small", "--input_shape", "32", "--batch_size", 
 
 
 def _only_run(log_dir: Path) -> Path:
-    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir()]
+    (run_dir,) = [p for p in log_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]  # not .cache
     return run_dir
 
 
@@ -134,7 +134,7 @@ def test_resume_after_sigkill_is_exact_and_history_continues(tmp_path):
     resumed = run_script("train.py", "--resume", "auto", "--log_dir", str(broken_logs))
     assert resumed.returncode == 0, resumed.stderr
     assert "Resumed from" in resumed.stdout
-    assert [p for p in broken_logs.iterdir() if p.is_dir()] == [run_dir]  # continued in its own folder
+    assert [p for p in broken_logs.iterdir() if p.is_dir() and not p.name.startswith(".")] == [run_dir]  # continued in its own folder
 
     straight_dir = _only_run(tmp_path / "straight")
     reference = torch.load(straight_dir / "last.pth", weights_only=True)["state_dict"]
