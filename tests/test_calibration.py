@@ -68,7 +68,8 @@ def overconfident_logits(count: int = 4000, classes: int = 4) -> tuple[torch.Ten
 def test_temperature_scaling_lowers_the_ece_of_an_overconfident_model():
     from utils.calibration import fit_temperature
 
-    logits, targets = overconfident_logits()
+    with torch.inference_mode():  # as evaluate() hands them over
+        logits, targets = overconfident_logits()
     temperature = fit_temperature(logits.log_softmax(1), targets)
     before, after = calibration_error(logits.log_softmax(1), targets), calibration_error(logits, targets, temperature)
     assert 3.5 < temperature < 4.5  # over-confident: the fit softens the probabilities

@@ -25,7 +25,8 @@ def fit_temperature(log_probs: torch.Tensor, targets: torch.Tensor) -> float:
     (or logits: the same T) and (N,) targets; LBFGS on log T, so T stays positive. 1.0 for no images."""
     if not len(targets):
         return 1.0
-    log_probs, targets = log_probs.detach().double().cpu(), targets.cpu()
+    # clone: evaluate() makes them under inference_mode, and autograd may not save such tensors
+    log_probs, targets = log_probs.detach().double().cpu().clone(), targets.cpu().clone()
     log_probs = log_probs.clamp(min=torch.finfo(torch.float32).min)  # log(0) = -inf would give NaN gradients
     log_temperature = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_temperature], lr=0.5, max_iter=LBFGS_STEPS, line_search_fn="strong_wolfe")
