@@ -65,6 +65,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="results go to SAVE_DIR/<time>_<model>/, a new folder each run; default %(default)s")
     output.add_argument("--num_show", "--num-show", type=int, default=5,
                         help="images in the sample grid and in the worst-mistakes grid, 0 for none; default %(default)s")
+    output.add_argument("--min_confidence", "--min-confidence", default=None, metavar="P|auto",
+                        help="answer 'unknown' when the top (calibrated) probability is below P (0-1); auto: the "
+                             "threshold train.py suggested from val (99%% of val's answers above it were right)")
+    output.add_argument("--cam", action="store_true",
+                        help="heat maps (pytorch-grad-cam) of where the model looked for its predicted class: "
+                             "cam/<name>.jpg per image and cam_x, cam_y (the peak, original pixels) in predictions.csv/json")
+    output.add_argument("--cam_method", "--cam-method", default="gradcam", choices=("gradcam", "gradcam++", "eigencam"),
+                        help="with --cam: the method; default %(default)s")
+    output.add_argument("--cam_layer", "--cam-layer", default=None,
+                        help="with --cam: the layer (a model.named_modules() name); default: chosen per model family")
     output.add_argument("--seed", type=int, default=0, help="picks the sample grid's images; default %(default)s")
     output.add_argument("--show", action="store_true",
                         help="also open the picture in a window (only where a display exists)")
@@ -77,6 +87,25 @@ def check_args(args: argparse.Namespace) -> None:
         if value is not None and value < smallest:
             raise UsageError(f"--{flag} must be at least {smallest}, got {value}")
     check_output_dir(args.save_dir, "--save_dir")  # now, not after the model ran on every image
+    if args.min_confidence not in (None, "auto"):
+        try:
+            value = float(args.min_confidence)
+        except ValueError:
+            value = float("nan")
+        if not 0 <= value <= 1:
+            raise UsageError(f"--min_confidence must be a probability between 0 and 1 or 'auto', got {args.min_confidence}")
+
+
+def resolve_min_confidence(args: argparse.Namespace, predictor: Predictor) -> Optional[float]:
+    """--min_confidence as a number; 'auto' reads the checkpoint's suggested_min_confidence."""
+    if args.min_confidence != "auto":
+        return None if args.min_confidence is None else float(args.min_confidence)
+    suggested = predictor.checkpoint_info.get("suggested_min_confidence")
+    if suggested is None:
+        why = ("no threshold kept 99% of val's answers right" if "suggested_min_confidence" in predictor.checkpoint_info
+               else "it has no suggested_min_confidence (trained before this was stored, or a bare state_dict)")
+        raise UsageError(f"--min_confidence auto: {args.weights}: {why}; give a number such as --min_confidence 0.5")
+    return float(suggested)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -84,6 +113,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     check_args(args)
     inputs = resolve_inputs(args.image_path)  # before the model loads: a typo fails in a second
     predictor = load_predictor(args)
+    min_confidence = resolve_min_confidence(args, predictor)
     labels, labels_note = find_labels(inputs, predictor.class_names)
     print(f"Model: {predictor.describe()}  [{args.weights}{describe_epoch(predictor.checkpoint_info)}]")
     for note in ignored_flag_notes(args, predictor) + ([labels_note] if labels_note else []):
@@ -94,6 +124,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f"warning: cannot list folder {folder} ({reason}): its images are not predicted", file=sys.stderr)
 
     results, seconds, workers = predict(predictor, inputs, labels, args)
+    results.temperature, results.min_confidence = predictor.temperature, min_confidence
     if inputs.single and results.errors[0]:
         raise UsageError(results.errors[0])
     metrics = results.metrics()  # None unless a labelled tree
@@ -182,27 +213,66 @@ def write_outputs(results: Predictions, metrics: Optional[dict], inputs: ImageIn
     from inference.results import write_csv, write_json_report, write_misclassified, write_txt
     from utils.checkpoint import timestamp
     from utils.logger import new_run_dir
-    from utils.metrics import per_class_rows, plot_confusion_matrix, write_per_class_csv
+    from utils.metrics import per_class_rows, plot_confusion_matrix, plot_curves, write_per_class_csv
 
     run_dir = new_run_dir(args.save_dir, predictor.model_name, subdirs=(), flag="--save_dir")
+    if args.cam:
+        add_heat_maps(results, predictor, run_dir, args)
     write_txt(results, run_dir / "predictions.txt")
     write_csv(results, run_dir / "predictions.csv", args.topk)
     run = {"checkpoint": args.weights, "model": predictor.model_name, "inputs": inputs.sources,
-           "device": str(predictor.device), "created": timestamp(), "topk": args.topk}
+           "device": str(predictor.device), "created": timestamp(), "topk": args.topk,
+           "temperature": predictor.temperature, "min_confidence": results.min_confidence}
     write_json_report(results, run_dir / "predictions.json", args.topk, run, metrics)
     if metrics is not None:
         write_per_class_csv(per_class_rows(metrics["confusion"], results.class_names), run_dir / "per_class.csv")
+        title = Path(inputs.folder or ".").name
         plot_confusion_matrix(metrics["confusion"], results.class_names, run_dir / "confusion_matrix.png",
-                              title=f"{Path(inputs.folder or '.').name} confusion matrix")
+                              title=f"{title} confusion matrix")
+        log_probs, targets = results.evaluated_outputs()  # calibrated: undo T for the reliability diagram's "raw"
+        plot_curves(log_probs * results.temperature, targets, results.class_names, run_dir, title=title,
+                    temperature=results.temperature)  # roc.png, pr.png, reliability.png
         write_misclassified(results, run_dir / "misclassified.csv")
     return run_dir
+
+
+def add_heat_maps(results: Predictions, predictor: Predictor, run_dir: Path, args: argparse.Namespace) -> None:
+    """cam/<name>.jpg for every readable image (the model's view with the heat map of its predicted
+    class) and results.cam_points: each peak in original image pixels (inference.cam)."""
+    import torch
+
+    from inference.cam import HeatMaps, overlay
+    from utils.data import read_rgb
+    from utils.visualize import save_rgb
+
+    heat = HeatMaps(predictor.model, predictor.model_name, predictor.preprocess, predictor.device,
+                    args.cam_method, args.cam_layer)
+    _, predicted = results.top1()
+    results.cam_points = torch.full((len(results), 2), float("nan"))
+    folder, used = run_dir / "cam", set()
+    folder.mkdir()
+    readable = results.readable.nonzero().flatten().tolist()
+    for start in range(0, len(readable), args.batch_size):
+        chosen = readable[start:start + args.batch_size]
+        originals = [read_rgb(results.paths[i]) for i in chosen]
+        views = torch.stack([predictor.transform(torch.from_numpy(a).permute(2, 0, 1)) for a in originals])
+        maps = heat(views, [int(predicted[i]) for i in chosen])
+        for i, original, view, heat_map in zip(chosen, originals, views, maps):
+            results.cam_points[i] = torch.tensor(heat.peak(heat_map, original.shape[:2]))
+            name = Path(results.paths[i]).stem
+            name = name if name not in used else f"{name}_{i}"  # two folders may hold the same name
+            used.add(name)
+            save_rgb(folder / f"{name}.jpg", overlay(view.permute(1, 2, 0).numpy(), heat_map))
 
 
 def report_single(results: Predictions, k: int) -> None:
     """The template's three lines, then the runners-up."""
     (pairs,) = results.topk(k)
     name, probability = pairs[0]
-    print(f"Image: {results.paths[0]}\nPredicted class: {name}\nProbability: {probability:.2%}")
+    (answer,) = results.answers()
+    print(f"Image: {results.paths[0]}\nPredicted class: {answer}\nProbability: {probability:.2%}")
+    if answer != name:
+        print(f"Best guess: {name} (below --min_confidence {results.min_confidence:.2%})")
     if len(pairs) > 1:
         print(f"Top {len(pairs)}: " + ", ".join(f"{n} {p:.2%}" for n, p in pairs))
 
@@ -215,12 +285,17 @@ def report_many(results: Predictions, metrics: Optional[dict], seconds: float, b
           f"batch {batch_size}, {workers} worker{'' if workers == 1 else 's'})")
     report_unreadable(results.unreadable())
     if metrics is None:
-        _, predicted = results.top1()
-        counts = Counter(results.class_names[int(i)] for i, ok in zip(predicted, results.readable) if ok)
+        counts = Counter(answer for answer in results.answers() if answer is not None)
         if counts:
             print("Images per predicted class: " + ", ".join(f"{name}: {count}" for name, count in counts.most_common()))
         return
-    print(f"Metrics over {metrics['count']} labelled images: {format_metrics(metrics)}")
+    print(f"Metrics over {metrics['count']} labelled images: {format_metrics(metrics)}  "
+          f"ece_calibrated {metrics['ece_calibrated']:.4f} (temperature {results.temperature:.4g})")
+    if results.min_confidence is not None:
+        covered = metrics["covered_accuracy"]
+        print(f"Unknown (top probability below {results.min_confidence:.2%}): {metrics['unknown']} of {metrics['count']}; "
+              f"coverage {metrics['coverage']:.2%}, accuracy on the answered "
+              + (f"{covered:.2%}" if covered is not None else "n/a"))
     print(format_per_class(per_class_rows(metrics["confusion"], results.class_names)))
     print(f"Misclassified: {len(results.mistakes())} of {metrics['count']}")
 

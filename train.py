@@ -40,6 +40,7 @@ from models.pretrained import (
 )
 from models.registry import check_input_size, check_model_name, create_model, format_model_list
 from utils.cache import CACHE_MODES, cache_datasets, resolve_cache_dir
+from utils.calibration import fit_temperature, suggested_min_confidence
 from utils.checkpoint import (
     BEST_METRICS,
     CheckpointSaver,
@@ -85,10 +86,12 @@ from utils.logger import (
 )
 from utils.losses import LOSSES, create_criterion
 from utils.metrics import (
+    calibration_error,
     format_metrics,
     format_per_class,
     per_class_rows,
     plot_confusion_matrix,
+    plot_curves,
     write_per_class_csv,
 )
 from utils.optim import OPTIMIZERS, SCHEDULES, create_optimizer, create_scheduler, restore_schedule
@@ -751,17 +754,23 @@ def describe_model(model: nn.Module, name: str, preprocess: Preprocess, run_dir:
 
 
 def final_report(run: TrainingRun, stop_note: str) -> dict:
-    """Evaluate best.pth (the EMA weights under --ema) on val (per-class table, confusion matrix)
-    and on test if there is one; say whether the run stopped early."""
+    """Evaluate best.pth (the EMA weights under --ema) on val (per-class table, confusion matrix, ROC/PR
+    curves, reliability), fit its temperature on val (saved into best.pth), then evaluate on test if
+    there is one; say whether the run stopped early."""
     run_dir, model, class_names, log = run.run_dir, run.model, run.class_names, run.log
     best = on_main_process(load_checkpoint, run_dir / "best.pth")  # rank 0 wrote it; other machines may not see it
     unwrap_model(model).load_state_dict(best["state_dict"])
     log.info(f"\nBest model: epoch {best['epoch']} ({run_dir / 'best.pth'}{', EMA weights' if run.ema else ''})")
     if stop_note:
         log.info(f"The run {stop_note}")
-    results = {}
-    for split, loader in run.eval_loaders.items():
-        metrics = evaluate(model, loader, EVAL_CRITERION, run.settings, len(class_names), split, run.show_progress)
+    results, temperature = {}, 1.0
+    for split, loader in sorted(run.eval_loaders.items(), key=lambda item: item[0] != "val"):  # val first
+        metrics = evaluate(model, loader, EVAL_CRITERION, run.settings, len(class_names), split, run.show_progress,
+                           keep_outputs=True)
+        log_probs, targets = metrics.pop("outputs")
+        if split == "val":
+            temperature = calibrate(run.saver, log_probs, targets, log)
+        metrics["ece_calibrated"] = calibration_error(log_probs, targets, temperature) if len(targets) else None
         rows = per_class_rows(metrics["confusion"], class_names)
         results[split] = {k: v for k, v in metrics.items() if k != "confusion"}
         if not is_main_process():
@@ -769,15 +778,34 @@ def final_report(run: TrainingRun, stop_note: str) -> dict:
         suffix = "" if split == "val" else f"_{split}"
         plot_confusion_matrix(metrics["confusion"], class_names, run_dir / "plots" / f"confusion_matrix{suffix}.png",
                               title=f"{split} confusion matrix")
+        if len(targets):
+            plot_curves(log_probs, targets, class_names, run_dir / "plots", suffix, split, temperature)
         write_per_class_csv(rows, run_dir / f"per_class{suffix}.csv")
-        log.info(f"{split}: {format_metrics(metrics)}\n{format_per_class(rows)}")
+        log.info(f"{split}: {format_metrics(metrics)}  ece_calibrated {metrics['ece_calibrated'] or 0:.4f}\n"
+                 f"{format_per_class(rows)}")
         if split == "test":
             write_json({"checkpoint": str(run_dir / "best.pth"), "epoch": best["epoch"], "ema": run.ema is not None,
-                        "early_stop": stop_note or None, **results[split],
+                        "early_stop": stop_note or None, **results[split], "temperature": temperature,
+                        "suggested_min_confidence": run.saver.record.get("suggested_min_confidence"),
                         "per_class": rows, "confusion_matrix": metrics["confusion"].tolist()},
                        run_dir / "test_metrics.json")
     log.info(f"Run folder: {run_dir}")
     return results
+
+
+def calibrate(saver: CheckpointSaver, log_probs: torch.Tensor, targets: torch.Tensor, log: logging.Logger) -> float:
+    """Temperature scaling and the suggested --min_confidence, fitted on val's outputs of best.pth
+    and written into it (utils.calibration); returns the temperature."""
+    temperature = fit_temperature(log_probs, targets)
+    threshold = suggested_min_confidence((log_probs / temperature).softmax(1), targets)
+    rewritten = saver.add_fields({"temperature": temperature, "suggested_min_confidence": threshold})
+    if len(targets):
+        log.info(f"Temperature scaling on val: T = {temperature:.4f}, expected calibration error "
+                 f"{calibration_error(log_probs, targets):.4f} -> {calibration_error(log_probs, targets, temperature):.4f}; "
+                 + (f"--min_confidence auto = {threshold:.4f} (99% of val's answers above it are right)"
+                    if threshold is not None else "no confidence threshold keeps 99% of val's answers right")
+                 + (f"; saved in {', '.join(rewritten)}" if rewritten else ""))
+    return temperature
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ and renamed only when it passes, so a failed export leaves no file behind.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tempfile
@@ -108,13 +107,10 @@ def load_source(path: str | os.PathLike, model_name: Optional[str] = None,
     predictor = Predictor.from_checkpoint(str(path), "cpu", model_name=model_name,
                                           class_names=parse_categories(categories),
                                           input_shape=input_shape, channels_last=False)
-    # A second read for what Predictor does not keep (temperature, args); a bare state_dict has neither.
+    # A second read for what Predictor does not keep (the training args); a bare state_dict has none.
+    # The temperature is Predictor's: the checkpoint's "temperature" (1.0 when absent), checked by the reader.
     checkpoint = load_checkpoint(path)
-    temperature = checkpoint.get("temperature", 1.0) if "format" in checkpoint else 1.0
-    if isinstance(temperature, torch.Tensor) and temperature.numel() == 1:
-        temperature = temperature.item()
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise UsageError(f"{path} holds temperature {temperature!r}; it must be a positive number")
+    temperature = predictor.temperature
     train_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
     return ExportSource(Path(path), predictor.model, predictor.model_name, predictor.class_names,
                         predictor.preprocess, float(temperature), train_args, sha256_file(path))

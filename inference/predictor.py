@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from inference.onnx_model import CUDA, OnnxModel, is_onnx_file
 from models.registry import check_model_name, create_model
-from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_model_weights
+from utils.checkpoint import CHECKPOINT_FORMAT, checkpoint_temperature, load_checkpoint, load_model_weights
 from utils.data import ImageReadError, available_cores, create_dataloader, default_workers, read_rgb
 from utils.device import amp_dtype, describe_device, select_device
 from utils.errors import UsageError
@@ -36,7 +36,7 @@ from utils.transforms import (
 )
 
 _NCHW_PREFERRED = ("vit_", "swin_", "maxvit", "convnext")  # models that channels_last does not speed up
-_INFO_KEYS = ("format", "epoch", "metrics", "created", "pretrained")  # kept from the checkpoint for display
+_INFO_KEYS = ("format", "epoch", "metrics", "created", "pretrained", "suggested_min_confidence")  # kept from the checkpoint for display
 
 
 @dataclass
@@ -72,8 +72,9 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: nn.Module, preprocess: Preprocess, device: torch.device, amp: bool = False,
-                 channels_last: bool = False):
+                 channels_last: bool = False, temperature: float = 1.0):
         self.preprocess, self.device, self.channels_last = preprocess, device, channels_last
+        self.temperature = float(temperature)  # probabilities = softmax(logits / temperature) (utils.calibration)
         self.dtype = amp_dtype(device, amp)
         self.model: Optional[nn.Module] = model.to(device).eval()
         if channels_last:
@@ -88,7 +89,7 @@ class TorchBackend:
                                  channels_last=self.channels_last)
         with torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext():
             logits = self.model(inputs)
-        return logits.float().softmax(1).cpu()
+        return (logits.float() / self.temperature).softmax(1).cpu()
 
 
 class OnnxBackend:
@@ -101,6 +102,8 @@ class OnnxBackend:
 
     def __init__(self, onnx_model: OnnxModel):
         self.onnx_model = onnx_model
+        # the graph already divides by the checkpoint's temperature; kept for reports (1.0 in older exports)
+        self.temperature = float(onnx_model.metadata.get("temperature", 1.0))
 
     def where(self) -> str:
         return "onnxruntime on " + ("CUDA" if self.onnx_model.providers[0] == CUDA else "CPU")
@@ -119,6 +122,7 @@ class Predictor:
         # the CPU, or CUDA when onnxruntime runs there and torch sees CUDA too.
         self.backend, self.model_name, self.class_names = backend, model_name, class_names
         self.preprocess, self.device = preprocess, device
+        self.temperature = backend.temperature  # the calibration temperature the probabilities are made with
         self.transform = build_eval_transform(preprocess)
         self.checkpoint_info: dict = {}  # format, epoch, metrics, created: empty for a bare state_dict
 
@@ -188,7 +192,7 @@ class Predictor:
             raise UsageError(f"{error}; it was built for {len(class_names)} classes ({model_name})") from None
         if channels_last is None:
             channels_last = prefers_channels_last(model_name, target)
-        backend = TorchBackend(model, preprocess, target, amp, channels_last)
+        backend = TorchBackend(model, preprocess, target, amp, channels_last, checkpoint_temperature(checkpoint))
         predictor = cls(backend, model_name, list(class_names), preprocess, target)
         predictor.checkpoint_info = {key: checkpoint[key] for key in _INFO_KEYS if key in checkpoint}
         return predictor
@@ -272,15 +276,27 @@ def prefers_channels_last(model_name: str, device: torch.device) -> bool:
     return device.type == "cpu" and not model_name.startswith(_NCHW_PREFERRED)
 
 
+UNKNOWN = "unknown"  # the answer when the top probability is below --min_confidence
+
+
 @dataclass
 class Predictions:
-    """All predictions of one run in input order, with the ground truth when it is known."""
+    """All predictions of one run in input order, with the ground truth when it is known.
+
+    With `min_confidence` P, an image whose top (calibrated) probability is below P gets the
+    answer UNKNOWN: it is not counted as a mistake, and the metrics add how many images were
+    answered (coverage) and the accuracy on those. top1, f1 and the like stay those of the
+    model's best guess on every image, so they compare with training's.
+    """
 
     paths: list[str]
     probs: torch.Tensor  # (N, C) on the CPU; NaN rows for unreadable files
     errors: list[str]  # "" where the image was read, else the reason
     class_names: list[str]
     labels: Optional[torch.Tensor] = None  # (N,) true class index per file, for a labelled tree
+    temperature: float = 1.0  # the one the probabilities were made with (Predictor.temperature)
+    min_confidence: Optional[float] = None  # below it the answer is UNKNOWN; None: always answer
+    cam_points: Optional[torch.Tensor] = None  # (N, 2) heat-map peak (x, y) in original pixels; NaN: none
 
     @classmethod
     def collect(cls, batches: Iterable[PredictionBatch], class_names: Sequence[str],
@@ -313,6 +329,19 @@ class Predictions:
         ranked = topk(self.probs, self.class_names, k)
         return [pairs if not error else [] for pairs, error in zip(ranked, self.errors)]
 
+    def unknown(self) -> torch.Tensor:
+        """(N,) bool: read, but the top probability is below min_confidence (answer UNKNOWN)."""
+        if self.min_confidence is None:
+            return torch.zeros(len(self), dtype=torch.bool)
+        return self.readable & (self.top1()[0] < self.min_confidence)
+
+    def answers(self) -> list[Optional[str]]:
+        """Per file: the predicted class name, UNKNOWN, or None for an unreadable file."""
+        _, predicted = self.top1()
+        unknown = self.unknown().tolist()
+        return [None if error else UNKNOWN if unsure else self.class_names[int(index)]
+                for error, unsure, index in zip(self.errors, unknown, predicted.tolist())]
+
     def unreadable(self) -> list[tuple[str, str]]:
         return [(path, error) for path, error in zip(self.paths, self.errors) if error]
 
@@ -325,21 +354,47 @@ class Predictions:
     def metrics(self) -> Optional[dict]:
         """Split-wide metrics over the evaluated files with utils.metrics.ClassificationMetrics
         (the class training validates with, so the numbers agree); None without labels."""
-        from utils.metrics import ClassificationMetrics
+        from utils.metrics import ClassificationMetrics, calibration_error
 
         mask = self.evaluated()
         if not mask.any():
             return None
         scores = ClassificationMetrics(len(self.class_names))
         scores.update(self.probs[mask], self.labels[mask])  # type: ignore[index]
-        return scores.compute()
+        result = scores.compute()
+        # ece: of the uncalibrated probabilities (softmax(logits) = softmax(T * log p)), as in training;
+        # ece_calibrated: of the probabilities reported, softmax(logits / T).
+        log_probs, targets = self.evaluated_outputs()
+        result["ece_calibrated"] = result["ece"]
+        result["ece"] = calibration_error(log_probs, targets, 1 / self.temperature)
+        if self.min_confidence is not None:
+            result.update(self._coverage(mask))
+        return result
+
+    def _coverage(self, evaluated: torch.Tensor) -> dict:
+        """unknown (count), coverage (share answered) and covered_accuracy over the evaluated files."""
+        _, predicted = self.top1()
+        answered = evaluated & ~self.unknown()
+        right = int((predicted[answered] == self.labels[answered]).sum())  # type: ignore[index]
+        count = int(evaluated.sum())
+        return {"min_confidence": self.min_confidence, "unknown": count - int(answered.sum()),
+                "coverage": int(answered.sum()) / count,
+                "covered_accuracy": right / int(answered.sum()) if answered.any() else None}
+
+    def evaluated_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probabilities, true classes) of the evaluated files: what the curves are drawn from."""
+        from utils.metrics import to_log_probs
+
+        mask = self.evaluated()
+        return to_log_probs(self.probs[mask]), self.labels[mask]  # type: ignore[index]
 
     def mistakes(self) -> list[int]:
-        """Indices of wrongly predicted evaluated files, most confident mistake first."""
+        """Indices of wrongly predicted evaluated files, most confident mistake first (an UNKNOWN
+        answer is no mistake)."""
         if self.labels is None:
             return []
         confidence, predicted = self.top1()
-        wrong = self.evaluated() & (predicted != self.labels)
+        wrong = self.evaluated() & ~self.unknown() & (predicted != self.labels)
         indices = wrong.nonzero().flatten().tolist()
         return sorted(indices, key=lambda i: -float(confidence[i]))
 

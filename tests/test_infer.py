@@ -254,6 +254,7 @@ def test_bare_state_dict_with_model_and_comma_categories(weights, bare_weights, 
     rows = read_csv(run_dir_of(tmp_path) / "predictions.csv")
     readable = [r for r in rows if r["status"] == "ok"]
     predictor = Predictor.from_checkpoint(weights, device="cpu")
+    predictor.temperature = 1.0  # a bare state_dict has no temperature: compare the uncalibrated probabilities
     probs = torch.cat([b.probs for b in predictor.predict_paths([r["path"] for r in readable])])
     assert [r["top1_class"] for r in readable] == [DIGITS[i] for i in probs.argmax(1).tolist()]
     assert [float(r["top1_probability"]) for r in readable] == pytest.approx(probs.max(1).values.tolist(), abs=1e-5)
@@ -569,3 +570,57 @@ def test_parse_categories():
     assert parse_categories(None) is None
     with pytest.raises(UsageError, match="names a more than once"):
         parse_categories(["a", "b", "a"])
+
+
+def test_min_confidence_unknown_counts_match_a_hand_count(weights, trained_run, digits_root, tmp_path):
+    """--min_confidence 0.9: below it the answer is 'unknown' in txt, CSV and JSON, counted apart;
+    the calibration train.py stored is used and reported (issue 14)."""
+    checkpoint = torch.load(weights, weights_only=True)
+    assert checkpoint["temperature"] > 0 and "suggested_min_confidence" in checkpoint
+    trained = json.loads((trained_run / "test_metrics.json").read_text(encoding="utf-8"))
+    assert {"auroc", "ece", "ece_calibrated"} <= set(trained) and trained["temperature"] == checkpoint["temperature"]
+    for name in ("roc", "pr", "reliability", "roc_test", "pr_test", "reliability_test"):
+        assert (trained_run / "plots" / f"{name}.png").stat().st_size > 5_000, name
+
+    result = infer_run("--weights", weights, "--image_path", str(digits_root / "test"), "--min_confidence", "0.9",
+                       save_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = run_dir_of(tmp_path)
+    rows = read_csv(run_dir / "predictions.csv")
+    unsure = [r for r in rows if float(r["top1_probability"]) < 0.9]
+    answered = [r for r in rows if float(r["top1_probability"]) >= 0.9]
+    assert 0 < len(unsure) < len(rows)  # the test means something only when both kinds occur
+    assert [r["path"] for r in rows if r["status"] == "unknown"] == [r["path"] for r in unsure]
+    assert all(r["correct"] == "" for r in unsure)
+    report = json.loads((run_dir / "predictions.json").read_text(encoding="utf-8"))
+    metrics = report["metrics"]
+    assert metrics["unknown"] == len(unsure) and metrics["coverage"] == pytest.approx(len(answered) / len(rows))
+    right = sum(r["true_class"] == r["top1_class"] for r in answered)
+    assert metrics["covered_accuracy"] == pytest.approx(right / len(answered))
+    assert sum(p["class"] == "unknown" for p in report["predictions"]) == len(unsure)
+    blocks = read_txt_blocks(run_dir / "predictions.txt")
+    assert sum(b["Predicted class"] == "unknown" for b in blocks) == len(unsure)
+    assert {"auroc", "ece", "ece_calibrated"} <= set(metrics) and report["temperature"] == checkpoint["temperature"]
+    assert f"Unknown (top probability below 90.00%): {len(unsure)} of {len(rows)}" in result.stdout
+    assert not {r["path"] for r in read_csv(run_dir / "misclassified.csv")} & {r["path"] for r in unsure}
+    for name in ("roc", "pr", "reliability"):
+        assert (run_dir / f"{name}.png").stat().st_size > 5_000, name
+
+
+def test_min_confidence_auto_and_bad_values(weights, bare_weights, digits_root, tmp_path, capsys):
+    predictor = Predictor.from_checkpoint(weights, "cpu")
+    args = infer.get_args_parser().parse_args(["--weights", weights, "--image_path", "x", "--min_confidence", "auto"])
+    suggested = torch.load(weights, weights_only=True)["suggested_min_confidence"]
+    if suggested is None:
+        with pytest.raises(UsageError, match="no threshold kept 99%"):
+            infer.resolve_min_confidence(args, predictor)
+    else:
+        assert infer.resolve_min_confidence(args, predictor) == suggested
+    bare = Predictor.from_checkpoint(bare_weights, "cpu", model_name="resnet18", class_names=DIGITS, input_shape=[32])
+    assert bare.temperature == 1.0  # absent: 1.0
+    with pytest.raises(UsageError, match="has no suggested_min_confidence"):
+        infer.resolve_min_confidence(args, bare)
+    for bad in ("1.5", "often", "-0.1"):
+        line = fatal(["--weights", weights, "--image_path", str(digits_root / "test"), "--min_confidence", bad,
+                      "--save_dir", str(tmp_path)], capsys)
+        assert f"--min_confidence must be a probability between 0 and 1 or 'auto', got {bad}" in line

@@ -9,6 +9,9 @@ pickle; weights_only refuses files that would run code):
     state_dict   model weights, no "module." / "_orig_mod." prefix
     preprocess   utils.transforms.Preprocess as a dict
     epoch, metrics, best_metric, args, versions, created, pretrained
+    temperature  calibration scalar fitted on val at the end of training (utils.calibration);
+                 probabilities are softmax(logits / temperature); 1.0 when absent (older files)
+    suggested_min_confidence   lowest top probability that kept 99% of val answers right, or None
     optimizer, scheduler, scaler, rng, history     only in resumable checkpoints (last.pth)
     ema          under --ema, in last.pth: the averaged weights ({"state_dict", "updates", "decay"});
                  last.pth's own state_dict is then the trained weights, best.pth's the EMA's
@@ -147,10 +150,26 @@ def check_fields(checkpoint: Mapping) -> None:
     if "preprocess" not in checkpoint:
         raise UsageError("field 'preprocess' is missing")
     Preprocess.from_dict(checkpoint["preprocess"])  # checks each of its fields
+    temperature = checkpoint.get("temperature", 1.0)
+    if not (_is_number(temperature) and 0 < float(temperature) < float("inf")):
+        raise UsageError(f"field 'temperature' must be a positive number, got {temperature!r}")
+    threshold = checkpoint.get("suggested_min_confidence")
+    if threshold is not None and not (_is_number(threshold) and 0 <= float(threshold) <= 1):
+        raise UsageError(f"field 'suggested_min_confidence' must be a probability or None, got {threshold!r}")
     kwargs = checkpoint.get("model_kwargs")
     if kwargs is not None and not (isinstance(kwargs, Mapping) and all(
             isinstance(k, str) and isinstance(v, _PLAIN) for k, v in kwargs.items())):
         raise UsageError(f"field 'model_kwargs' must be a dict of names to plain values, got {kwargs!r}")
+
+
+def _is_number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+        isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point())
+
+
+def checkpoint_temperature(checkpoint: Mapping) -> float:
+    """The calibration temperature of a checked checkpoint; 1.0 when absent or for a bare state_dict."""
+    return float(checkpoint.get("temperature", 1.0)) if checkpoint.get("format") == CHECKPOINT_FORMAT else 1.0
 
 
 def _is_state_dict(obj: object) -> bool:
@@ -329,6 +348,24 @@ class CheckpointSaver:
         if self.freq and epoch % self.freq == 0:
             self._write(f"epoch_{epoch}.pth", self.build(evaluated, epoch, metrics))
         return improved
+
+    def add_fields(self, fields: Mapping[str, Any]) -> list[str]:
+        """Add `fields` (say the temperature fitted after training) to the run's record and rewrite,
+        atomically, best.pth and a last.pth that holds the same epoch (the same weights: a value
+        fitted on best.pth's outputs does not describe other weights). Returns the names rewritten."""
+        self.record.update(fields)
+        if self.run_dir is None or not (self.run_dir / "best.pth").is_file():
+            return []
+        best = torch.load(self.run_dir / "best.pth", map_location="cpu", weights_only=True)
+        rewritten = ["best.pth"]
+        self._write("best.pth", {**best, **fields})
+        last_path = self.run_dir / "last.pth"
+        if last_path.is_file():
+            last = torch.load(last_path, map_location="cpu", weights_only=True)
+            if last.get("epoch") == best.get("epoch") and last.get("ema") is None:  # --ema: best.pth holds other weights
+                self._write("last.pth", {**last, **fields})
+                rewritten.append("last.pth")
+        return rewritten
 
     def _write(self, name: str, checkpoint: dict) -> None:
         if self.run_dir is not None:

@@ -166,9 +166,12 @@ def evaluate(
     num_classes: int,
     description: str = "val",
     show_progress: bool = True,
+    keep_outputs: bool = False,
 ) -> dict:
     """Metrics over the whole split (see utils.metrics.ClassificationMetrics.compute), plus
-    "unreadable": images the dataset could not read (label utils.data.UNREADABLE), left out.
+    "unreadable": images the dataset could not read (label utils.data.UNREADABLE), left out,
+    and with `keep_outputs` "outputs": (log-probabilities, targets) of every image (curves,
+    temperature scaling).
 
     Under torchrun each rank passes its own shard of the split (utils.distributed.ShardSampler)
     and compute() sums the counts of all ranks, so every rank gets the split-wide numbers.
@@ -193,4 +196,6 @@ def evaluate(
         metrics.update(logits, targets, criterion(logits, targets))
     result = metrics.compute()
     result["unreadable"] = int(sum_over_ranks([unreadable], settings.device)[0])
+    if keep_outputs:
+        result["outputs"] = metrics.outputs()
     return result
