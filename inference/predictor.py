@@ -122,7 +122,6 @@ class Predictor:
         # the CPU, or CUDA when onnxruntime runs there and torch sees CUDA too.
         self.backend, self.model_name, self.class_names = backend, model_name, class_names
         self.preprocess, self.device = preprocess, device
-        self.temperature = backend.temperature  # the calibration temperature the probabilities are made with
         self.transform = build_eval_transform(preprocess)
         self.checkpoint_info: dict = {}  # format, epoch, metrics, created: empty for a bare state_dict
 
@@ -134,6 +133,15 @@ class Predictor:
     @property
     def channels_last(self) -> bool:
         return self.backend.channels_last
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature the probabilities are made with (1.0: uncalibrated)."""
+        return self.backend.temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self.backend.temperature = float(value)
 
     @classmethod
     def from_file(cls, path: str, device: str = "auto", model_name: Optional[str] = None,

@@ -181,7 +181,7 @@ def test_digits_demo_reaches_the_same_accuracy_with_the_ram_cache(digits_root, t
                         "--workers", "2", "--cache", "ram")
     assert result.returncode == 0, result.stderr
     assert "Cache: ram" in result.stdout
-    (cached_run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (cached_run,) = [p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]  # not .cache
     plain = json.loads((trained_run / "test_metrics.json").read_text())["top1"]
     cached = json.loads((cached_run / "test_metrics.json").read_text())["top1"]
     assert plain > 0.8 and cached > 0.8, (plain, cached)

@@ -112,7 +112,7 @@ class ClassificationMetrics:
 
     def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probabilities (N, C), targets (N,)) of every image so far, all ranks, on the CPU."""
-        return self.log_probs.compute().reshape(-1, self.num_classes).cpu(), self.targets.compute().long().cpu()
+        return self.log_probs.compute().reshape(-1, self.num_classes).cpu(), self.targets.compute().reshape(-1).long().cpu()
 
     def reset(self) -> None:
         self.scores.reset()
