@@ -148,9 +148,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
 def load_predictor(args: argparse.Namespace) -> Predictor:
     from inference.predictor import Predictor, parse_categories
 
-    return Predictor.from_file(args.weights, args.device, model_name=args.model,
-                               class_names=parse_categories(args.categories),
-                               input_shape=args.input_shape, amp=args.amp)
+    predictor = Predictor.from_file(args.weights, args.device, model_name=args.model,
+                                    class_names=parse_categories(args.categories),
+                                    input_shape=args.input_shape, amp=args.amp)
+    if args.cam and predictor.model is None:  # refused before predicting, not after
+        raise UsageError(f"--cam needs the PyTorch checkpoint: {args.weights} runs in onnxruntime, which has no "
+                         "layers to read heat maps from; give the .pth it was exported from")
+    return predictor
 
 
 def describe_epoch(info: dict) -> str:

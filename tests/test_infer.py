@@ -408,6 +408,7 @@ def test_onnx_is_told_by_its_content_and_onnx_flags_are_explained(weights, train
     assert "--device mps: onnxruntime models run on auto, cpu, cuda or cuda:N" in fatal(
         ["--weights", str(trained_onnx), "--device", "mps", *images], capsys)
     assert "gives 3 names but" in fatal(["--weights", str(trained_onnx), "--categories", "a,b,c", *images], capsys)
+    assert "--cam needs the PyTorch checkpoint" in fatal(["--weights", str(trained_onnx), "--cam", *images], capsys)
     (tmp_path / "junk.onnx").write_bytes(b"\x00not a model")
     assert "junk.onnx is not a readable ONNX model" in fatal(["--weights", str(tmp_path / "junk.onnx"), *images],
                                                              capsys)
