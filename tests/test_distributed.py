@@ -373,3 +373,46 @@ def test_one_process_without_torchrun_is_unchanged(tmp_path):
 def test_sync_bn_without_torchrun_is_a_one_line_usage_error(small_digits):
     with pytest.raises(UsageError, match="--sync_bn needs several processes"):
         train.main(["--dataset_path", str(small_digits), "--sync_bn"])
+
+
+def _state_equal(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(torch.allclose(first[k].float(), second[k].float(), atol=1e-6)
+                                                 for k in first)
+
+
+@pytest.mark.slow
+def test_ema_and_balanced_sampling_under_torchrun_validate_the_average_and_resume_exactly(small_digits,
+                                                                                         tmp_path):
+    """--ema and --sampler balanced on two ranks: best.pth holds the EMA weights that validation
+    judged (equal to one process evaluating them), and a run that crashed on rank 1 at epoch 2
+    resumes to the same weights, EMA and history as a run that was never interrupted."""
+    recipe = ["--dataset_path", str(small_digits), "--epochs", "2", "--ema", "0.9", "--sampler", "balanced",
+              "--seed", "3", "--deterministic"]
+    straight = torchrun(2, *recipe, "--log_dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "use the EMA weights" in straight.stdout
+    (straight_dir,) = [p for p in (tmp_path / "straight").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert_val_metrics_cover_the_whole_split(straight_dir, small_digits)
+    best, last = load_checkpoint(straight_dir / "best.pth"), load_checkpoint(straight_dir / "last.pth")
+    assert best["epoch"] in (1, 2) and last["ema"]["updates"] > 0
+    if best["epoch"] == 2:  # best.pth keeps the average, last.pth both the average and the trained weights
+        assert _state_equal(best["state_dict"], last["ema"]["state_dict"])
+        assert not _state_equal(best["state_dict"], last["state_dict"])
+
+    broken_logs = tmp_path / "broken"
+    crashed = torchrun(2, *recipe, "--log_dir", str(broken_logs),
+                       env={"TORCH_CLS_FAIL_RANK": "1", "TORCH_CLS_FAIL_EPOCH": "2"})
+    assert crashed.returncode != 0
+    (run_dir,) = [p for p in broken_logs.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    resumed = torchrun(2, "--dataset_path", str(small_digits), "--resume_training", str(run_dir / "last.pth"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    continued = load_checkpoint(run_dir / "last.pth")
+    assert continued["epoch"] == last["epoch"] == 2
+    assert _state_equal(continued["state_dict"], last["state_dict"])
+    assert _state_equal(continued["ema"]["state_dict"], last["ema"]["state_dict"])
+    assert continued["ema"]["updates"] == last["ema"]["updates"]
+    with open(run_dir / "history.csv", encoding="utf-8") as file, \
+            open(straight_dir / "history.csv", encoding="utf-8") as reference_file:
+        rows, reference_rows = list(csv.DictReader(file)), list(csv.DictReader(reference_file))
+    for key in ("epoch", "train_loss", "val_loss", "val_acc"):
+        assert [row[key] for row in rows] == [row[key] for row in reference_rows], key
