@@ -122,17 +122,17 @@ def main() -> None:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     parser.add_argument("--options", nargs="+", default=None, metavar="NAME",
-                        help="only these rows, by their name in the table (e.g. baseline --ema); to split the "
-                             "ablation over several processes or sessions")
+                        help="only these rows, by their name in the table without the dashes (e.g. baseline "
+                             "ema 'mixup 0.2'); to split the ablation over several processes or sessions")
     options = parser.parse_args()
     seeds = options.seeds or (2 if options.quick else 3)
     epochs = options.epochs or (2 if options.quick else 10)
     names = QUICK_OPTIONS if options.quick else list(OPTIONS)
     if options.options:
-        unknown = sorted(set(options.options) - set(names))
+        unknown = sorted(set(options.options) - {name.lstrip("-") for name in names})
         if unknown:
-            parser.error(f"--options: unknown {unknown}; choose from {list(names)}")
-        names = [name for name in names if name in options.options]
+            parser.error(f"--options: unknown {unknown}; choose from {[name.lstrip('-') for name in names]}")
+        names = [name for name in names if name.lstrip("-") in options.options]
     if options.threads:
         torch.set_num_threads(options.threads)
     print(machine_description(), flush=True)
