@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils.transforms import Preprocess, build_eval_transform, model_to_original
+from utils.transforms import Preprocess, build_eval_transform, model_to_original, original_to_model_axes
 
 
 @pytest.mark.parametrize("mode", ["crop", "letterbox", "stretch"])
@@ -60,3 +60,72 @@ def test_clear_errors_for_a_wrong_layer_or_method():
     with pytest.raises(UsageError, match="needs a PyTorch model"):
         HeatMaps(object(), "resnet18", pre, torch.device("cpu"))  # type: ignore[arg-type]
     assert HeatMaps(model, "resnet18", pre, torch.device("cpu"), layer_name="layer3").layer_name == "layer3"
+
+
+def test_default_layer_keeps_a_map_of_at_least_7x7():
+    """At 64 px ResNet's layer4 is 2x2 (no location): the default moves to layer2 (8x8) and says so;
+    at 224 px layer4 (7x7) stays; --cam_layer is taken as given, once its output is a map."""
+    from inference.cam import MIN_MAP_SIDE, choose_layer, find_target_layer
+    from models.registry import create_model
+    from utils.errors import UsageError
+
+    cpu = torch.device("cpu")
+    model = create_model("resnet18", 3, (64, 64)).eval()
+    name, size, why = choose_layer(model, "resnet18", (64, 64), cpu)
+    assert (name, size) == ("layer2", (8, 8)) and min(size) >= MIN_MAP_SIDE
+    assert "layer4 gives only 2x2 at the 64x64 input" in why
+    assert choose_layer(model, "resnet18", (224, 224), cpu)[:2] == ("layer4", (7, 7))
+    assert choose_layer(model, "resnet18", (64, 64), cpu, "layer4")[:2] == ("layer4", (2, 2))
+    assert find_target_layer(model, "resnet18", input_size=(64, 64))[1] is model.layer2
+    with pytest.raises(UsageError, match=r"--cam_layer fc: its output \(1, 3\) is not a map"):
+        choose_layer(model, "resnet18", (64, 64), cpu, "fc")
+    mobile = create_model("mobilenet_v3_small", 3, (64, 64)).eval()
+    name, size, _ = choose_layer(mobile, "mobilenet_v3_small", (64, 64), cpu)
+    assert name.startswith("features.") and min(size) >= MIN_MAP_SIDE
+
+
+@pytest.mark.parametrize("mode", ["crop", "letterbox", "stretch"])
+@pytest.mark.parametrize("shape", [(90, 160), (200, 70)])
+def test_heat_map_lands_on_the_original_pixels(mode, shape):
+    """A heat map hot at one model pixel, moved onto the original image: its hottest point is where
+    model_to_original puts that pixel (the peak in cam_x/cam_y); what the model never saw is 0."""
+    from inference.cam import heat_map_on_original
+
+    pre = Preprocess(input_size=[32, 48], resize_mode=mode)
+    height, width = shape
+    per_pixel = max(height / 32, width / 48) if mode != "crop" else min(height / 32, width / 48) / pre.crop_pct
+    (scale_x, offset_x), (scale_y, offset_y) = original_to_model_axes(shape, pre)
+    for share_x, share_y in ((0.5, 0.5), (0.6, 0.4)):  # original points the model sees in every mode
+        x, y = int(width * share_x * scale_x + offset_x), int(height * share_y * scale_y + offset_y)
+        model_map = torch.zeros(32, 48)
+        model_map[y, x] = 1.0
+        picture = heat_map_on_original(model_map.numpy(), shape, pre)
+        assert picture.shape == shape
+        py, px = divmod(int(picture.argmax()), width)
+        ox, oy = model_to_original(x + 0.5, y + 0.5, shape, pre)
+        assert abs(px + 0.5 - ox) <= per_pixel and abs(py + 0.5 - oy) <= per_pixel, (mode, px, py, ox, oy)
+    everywhere = heat_map_on_original(torch.ones(32, 48).numpy(), shape, pre, picture_size=(height // 2, width // 2))
+    assert everywhere.shape == (height // 2, width // 2)
+    if mode == "crop":  # the centre crop cut one axis: the cut-off ends are 0, the middle is 1
+        assert everywhere.min() == 0 and everywhere[height // 4, width // 4] == 1
+    else:  # stretch and letterbox show the whole image (the letterbox padding is dropped)
+        assert everywhere.min() == 1
+
+
+@pytest.mark.parametrize("model_name,side", [("swin_t", 32), pytest.param("maxvit_t", 224, marks=pytest.mark.slow)])
+def test_a_heat_map_for_swin_and_maxvit(model_name, side):
+    """Swin's stages are channels-last (B, H, W, C): reshaped to a grid; MaxViT's blocks are already
+    (B, C, H, W). At their smallest inputs a finite map of the input's size comes out."""
+    from inference.cam import MIN_MAP_SIDE, HeatMaps
+    from models.registry import MODEL_CLASSES, create_model
+
+    if model_name not in MODEL_CLASSES:
+        pytest.skip(f"{model_name} is not in this torchvision")
+    torch.manual_seed(0)
+    pre = Preprocess(input_size=[side, side], resize_mode="stretch")
+    model = create_model(model_name, 3, (side, side)).eval()
+    heat = HeatMaps(model, model_name, pre, torch.device("cpu"))
+    assert min(heat.map_size) >= MIN_MAP_SIDE, heat.description
+    maps = heat(torch.randint(0, 256, (1, 3, side, side), dtype=torch.uint8), [1])
+    assert maps.shape == (1, side, side) and bool(torch.isfinite(torch.from_numpy(maps)).all())
+    assert maps.max() > 0  # a map with something in it, not all zeros from a wrong reshape
