@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import numpy as np
     from tqdm import tqdm
 
+    from inference.cam import HeatMaps
     from inference.predictor import PredictionBatch, Predictions, Predictor
 
 MAX_LISTED = 20  # unreadable files printed to the console; all of them are in the output files
@@ -114,6 +115,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     inputs = resolve_inputs(args.image_path)  # before the model loads: a typo fails in a second
     predictor = load_predictor(args)
     min_confidence = resolve_min_confidence(args, predictor)
+    heat = load_heat_maps(args, predictor) if args.cam else None  # a wrong --cam_layer fails before predicting
     labels, labels_note = find_labels(inputs, predictor.class_names)
     print(f"Model: {predictor.describe()}  [{args.weights}{describe_epoch(predictor.checkpoint_info)}]")
     for note in ignored_flag_notes(args, predictor) + ([labels_note] if labels_note else []):
@@ -128,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if inputs.single and results.errors[0]:
         raise UsageError(results.errors[0])
     metrics = results.metrics()  # None unless a labelled tree
-    run_dir, cam_pictures = write_outputs(results, metrics, inputs, predictor, args)
+    run_dir, cam_pictures = write_outputs(results, metrics, inputs, predictor, args, heat)
     if inputs.single:
         report_single(results, args.topk)
         draw_safely(save_single_picture, results, run_dir, args.show)
@@ -212,7 +214,7 @@ def _counted(batches: Iterable[PredictionBatch], bar: tqdm) -> Iterator[Predicti
 
 
 def write_outputs(results: Predictions, metrics: Optional[dict], inputs: ImageInputs, predictor: Predictor,
-                  args: argparse.Namespace) -> tuple[Path, dict[int, Path]]:
+                  args: argparse.Namespace, heat: Optional[HeatMaps] = None) -> tuple[Path, dict[int, Path]]:
     """predictions.txt/.csv/.json, and for a labelled tree the metrics files; with --cam the heat
     maps first. Returns (run folder, {image index: its cam/<name>.jpg})."""
     from inference.results import write_csv, write_json_report, write_misclassified, write_txt
@@ -221,7 +223,7 @@ def write_outputs(results: Predictions, metrics: Optional[dict], inputs: ImageIn
     from utils.metrics import per_class_rows, plot_confusion_matrix, plot_curves, write_per_class_csv
 
     run_dir = new_run_dir(args.save_dir, predictor.model_name, subdirs=(), flag="--save_dir")
-    cam = add_heat_maps(results, predictor, run_dir, args) if args.cam else None
+    cam = add_heat_maps(results, predictor, heat, run_dir, args.batch_size) if heat else None
     write_txt(results, run_dir / "predictions.txt")
     write_csv(results, run_dir / "predictions.csv", args.topk)
     run = {"checkpoint": args.weights, "model": predictor.model_name, "inputs": inputs.sources,
@@ -242,26 +244,34 @@ def write_outputs(results: Predictions, metrics: Optional[dict], inputs: ImageIn
     return run_dir, cam["pictures"] if cam else {}
 
 
-def add_heat_maps(results: Predictions, predictor: Predictor, run_dir: Path, args: argparse.Namespace) -> dict:
+def load_heat_maps(args: argparse.Namespace, predictor: Predictor) -> HeatMaps:
+    """The --cam method at its layer (inference.cam chooses one whose map is at least 7x7 unless
+    --cam_layer names it), said on the console."""
+    from inference.cam import HeatMaps
+
+    heat = HeatMaps(predictor.model, predictor.model_name, predictor.preprocess, predictor.device,
+                    args.cam_method, args.cam_layer)
+    print(f"note: --cam: {args.cam_method} heat maps from layer {heat.description}")
+    return heat
+
+
+def add_heat_maps(results: Predictions, predictor: Predictor, heat: HeatMaps, run_dir: Path, batch_size: int) -> dict:
     """cam/<name>.jpg for every readable image (the ORIGINAL image with the heat map of its predicted
     class) and results.cam_points: each peak in original image pixels (inference.cam). Returns
     {"pictures": {image index: its cam/<name>.jpg}, "method", "layer", "map_size"}."""
     import torch
 
-    from inference.cam import HeatMaps, overlay_on_original
+    from inference.cam import overlay_on_original
     from utils.data import read_rgb
     from utils.visualize import save_rgb
 
-    heat = HeatMaps(predictor.model, predictor.model_name, predictor.preprocess, predictor.device,
-                    args.cam_method, args.cam_layer)
-    print(f"note: --cam: {args.cam_method} heat maps from layer {heat.description}")
     _, predicted = results.top1()
     results.cam_points = torch.full((len(results), 2), float("nan"))
     folder, pictures, used = run_dir / "cam", {}, set()
     folder.mkdir()
     readable = results.readable.nonzero().flatten().tolist()
-    for start in range(0, len(readable), args.batch_size):
-        chosen = readable[start:start + args.batch_size]
+    for start in range(0, len(readable), batch_size):
+        chosen = readable[start:start + batch_size]
         originals = [read_rgb(results.paths[i]) for i in chosen]
         views = torch.stack([predictor.transform(torch.from_numpy(a).permute(2, 0, 1)) for a in originals])
         maps = heat(views, [int(predicted[i]) for i in chosen])
@@ -271,7 +281,7 @@ def add_heat_maps(results: Predictions, predictor: Predictor, run_dir: Path, arg
             name = name if name not in used else f"{name}_{i}"  # two folders may hold the same name
             used.add(name)
             pictures[i] = save_rgb(folder / f"{name}.jpg", overlay_on_original(original, heat_map, predictor.preprocess))
-    return {"pictures": pictures, "method": args.cam_method, "layer": heat.layer_name, "map_size": list(heat.map_size)}
+    return {"pictures": pictures, "method": heat.method, "layer": heat.layer_name, "map_size": list(heat.map_size)}
 
 
 def report_single(results: Predictions, k: int) -> None:

@@ -181,6 +181,7 @@ class HeatMaps:
             raise UsageError("--cam needs a PyTorch model (a .pth checkpoint); an exported model has no layers to read")
         self.preprocess, self.device = preprocess, device
         cam_class = _method_class(method)  # a wrong --cam_method fails before the dry forward pass
+        self.method = method
         self.layer_name, self.map_size, self.description = choose_layer(
             model, model_name, preprocess.input_size, device, layer_name)
         self.cam = cam_class(model=model, target_layers=[model.get_submodule(self.layer_name)],

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import math
+import shutil
+
+import numpy as np
 import pytest
 import torch
 
@@ -129,3 +134,60 @@ def test_a_heat_map_for_swin_and_maxvit(model_name, side):
     maps = heat(torch.randint(0, 256, (1, 3, side, side), dtype=torch.uint8), [1])
     assert maps.shape == (1, side, side) and bool(torch.isfinite(torch.from_numpy(maps)).all())
     assert maps.max() > 0  # a map with something in it, not all zeros from a wrong reshape
+
+
+OBJECT_COLOURS = {"red": (230, 40, 40), "blue": (40, 80, 230)}  # the third class, "none", is noise only
+
+
+def make_object_images(root, count: int, seed: int, side: int = 48, half: int = 4) -> dict:
+    """<root>/<class>/<i>.png: grey noise with one small square whose colour decides the class, at a
+    random place; "none" has no square, so both colours must be found (neither is "the other one").
+    Returns {path: (x, y) of the square's centre} for the squares."""
+    from conftest import write_image
+
+    rng = np.random.default_rng(seed)
+    centres = {}
+    for name in (*OBJECT_COLOURS, "none"):
+        for i in range(count):
+            image = rng.integers(70, 186, size=(side, side, 3)).astype(np.uint8)
+            path = root / name / f"{name}_{i}.png"
+            if name in OBJECT_COLOURS:
+                x, y = (int(v) for v in rng.integers(half, side - half, size=2))
+                image[y - half:y + half, x - half:x + half] = OBJECT_COLOURS[name]
+                centres[str(write_image(path, image))] = (x, y)
+            else:
+                write_image(path, image)
+    return centres
+
+
+@pytest.mark.slow
+def test_heat_map_peak_finds_the_object_that_decides_the_class(tmp_path):
+    """The acceptance test of issue 14: after a short real training (train.py), infer.py --cam puts
+    the heat map's peak (cam_x, cam_y, original pixels of 48 px images seen at 32 px) on or near the
+    square that decides the class, for most correctly classified held-out images: far above chance."""
+    from conftest import run_script
+
+    make_object_images(tmp_path / "data" / "train", 100, seed=0)
+    make_object_images(tmp_path / "data" / "val", 20, seed=1)
+    centres = make_object_images(tmp_path / "heldout", 20, seed=2)
+    shutil.rmtree(tmp_path / "heldout" / "none")  # no square, no place to find
+    trained = run_script("train.py", "--dataset_path", str(tmp_path / "data"), "--model", "resnet18",
+                         "--input_shape", "32", "--resize_mode", "stretch", "--augment", "none", "--epochs", "3",
+                         "--batch_size", "16", "--seed", "0", "--workers", "0", "--no_audit",
+                         "--log_dir", str(tmp_path / "logs"))
+    assert trained.returncode == 0, trained.stderr
+    (run,) = [p for p in (tmp_path / "logs").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    result = run_script("infer.py", "--weights", str(run / "best.pth"), "--image_path", str(tmp_path / "heldout"),
+                        "--cam", "--workers", "0", "--save_dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "heat maps from layer layer1, a 8x8 map (layer4 gives only 1x1" in result.stdout
+    (out,) = (tmp_path / "out").iterdir()
+    rows = list(csv.DictReader((out / "predictions.csv").open(encoding="utf-8")))
+    assert len(rows) == len(centres) and len(list((out / "cam").iterdir())) == len(centres)
+    correct = [row for row in rows if row["correct"] == "1"]
+    assert len(correct) >= 0.7 * len(rows), f"the model did not learn ({len(correct)} of {len(rows)} right)"
+    radius, side = 9, 48
+    near = [math.dist((float(row["cam_x"]), float(row["cam_y"])), centres[row["path"]]) <= radius for row in correct]
+    chance = math.pi * radius ** 2 / side ** 2  # a peak thrown at random lands this often within the radius
+    rate = sum(near) / len(near)
+    assert rate >= max(0.5, 3 * chance), f"peak on the object for {rate:.0%} of right answers (chance {chance:.0%})"
