@@ -87,7 +87,8 @@ def default_layer_name(model: nn.Module, model_name: str) -> str:
 def map_sizes(model: nn.Module, names: Sequence[str], input_size: Sequence[int], device: torch.device,
               reshape: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict[str, Optional[tuple[int, ...]]]:
     """The output shape of each named module (after `reshape`) in one forward pass of a zero image,
-    in the order the modules finished; a module that did not run is absent. Cheap: one image."""
+    in the order the modules finished; None where the output is no tensor or `reshape` does not fit
+    it; a module that did not run is absent. Cheap: one image."""
     modules, shapes = dict(model.named_modules()), {}
 
     def recorder(name: str) -> Callable:
@@ -97,7 +98,7 @@ def map_sizes(model: nn.Module, names: Sequence[str], input_size: Sequence[int],
                 try:
                     shape = tuple((reshape(output) if reshape else output).shape)
                 except (RuntimeError, IndexError, ValueError):  # a layer the family's reshape does not fit
-                    shape = tuple(output.shape)
+                    shape = None
             shapes.pop(name, None)  # a module run twice (ResNet's shared ReLU) counts where it last finished
             shapes[name] = shape
         return record
@@ -146,8 +147,9 @@ def choose_layer(model: nn.Module, model_name: str, input_size: Sequence[int], d
             raise UsageError(f"--cam_layer {layer_name}: the layer does not run in {model_name}'s forward pass")
         size = _spatial(shapes[layer_name])
         if size is None:
-            raise UsageError(f"--cam_layer {layer_name}: its output {shapes[layer_name]} is not a map (batch, channels, "
-                             f"height, width); name a convolutional stage such as {default_layer_name(model, model_name)}")
+            shape = f" {shapes[layer_name]}" if shapes[layer_name] else ""
+            raise UsageError(f"--cam_layer {layer_name}: its output{shape} is not a map (batch, channels, height, "
+                             f"width) for {model_name}; name a stage such as {default_layer_name(model, model_name)}")
         return layer_name, size, f"{layer_name} (--cam_layer), a {size[0]}x{size[1]} map"
     default = default_layer_name(model, model_name)
     shapes = map_sizes(model, _candidates(model, default), input_size, device, reshape)

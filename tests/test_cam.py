@@ -65,6 +65,12 @@ def test_clear_errors_for_a_wrong_layer_or_method():
     with pytest.raises(UsageError, match="needs a PyTorch model"):
         HeatMaps(object(), "resnet18", pre, torch.device("cpu"))  # type: ignore[arg-type]
     assert HeatMaps(model, "resnet18", pre, torch.device("cpu"), layer_name="layer3").layer_name == "layer3"
+    vit = create_model("vit_b_16", 3, (32, 32)).eval()  # its patch convolution gives no tokens to reshape
+    with pytest.raises(UsageError, match="--cam_layer conv_proj: its output is not a map .* for vit_b_16"):
+        HeatMaps(vit, "vit_b_16", pre, torch.device("cpu"), layer_name="conv_proj")
+    googlenet = create_model("googlenet", 3, (64, 64)).eval()  # its auxiliary heads run in training only
+    with pytest.raises(UsageError, match="--cam_layer aux1: the layer does not run in googlenet's forward pass"):
+        HeatMaps(googlenet, "googlenet", Preprocess(input_size=[64, 64]), torch.device("cpu"), layer_name="aux1")
 
 
 def test_default_layer_keeps_a_map_of_at_least_7x7():
