@@ -76,6 +76,8 @@ def default_layer_name(model: nn.Module, model_name: str) -> str:
     if model_name.startswith("vit_"):
         return f"encoder.layers.encoder_layer_{len(model.encoder.layers) - 1}.ln_1"
     for candidate in ("layer4", "features", "blocks", "trunk_output", "Mixed_7c", "inception5b"):
+        if isinstance(names.get(candidate), nn.ModuleList):  # MaxViT's blocks: a list is never called itself
+            return f"{candidate}.{len(names[candidate]) - 1}"
         if candidate in names:
             return candidate
     convolutions = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
@@ -120,11 +122,29 @@ def _spatial(shape: Optional[tuple[int, ...]]) -> Optional[tuple[int, int]]:
 
 def _candidates(model: nn.Module, default: str) -> list[str]:
     """The default layer, its children and its siblings: the stages a smaller map can come from."""
-    parent = default.rpartition(".")[0]
-    siblings = [name for name, _ in model.get_submodule(parent).named_children()] if parent else \
-        [name for name, _ in model.named_children()]
+    parent = default.rpartition(".")[0]  # "" for a top-level layer: get_submodule("") is the model
     children = [f"{default}.{name}" for name, _ in model.get_submodule(default).named_children()]
-    return [default, *children, *(f"{parent}.{name}" if parent else name for name in siblings if name != default)]
+    siblings = [f"{parent}.{name}" if parent else name for name, _ in model.get_submodule(parent).named_children()]
+    return [default, *children, *(name for name in siblings if name != default)]
+
+
+def _named_layer_map(model: nn.Module, model_name: str, layer_name: str, input_size: Sequence[int],
+                     device: torch.device, reshape: Optional[Callable]) -> tuple[int, int]:
+    """--cam_layer's map (h, w), or a UsageError: no such layer, it does not run, or no map."""
+    names = dict(model.named_modules())
+    if layer_name not in names:
+        shown = ", ".join(list(names)[-5:])
+        raise UsageError(f"--cam_layer {layer_name}: {model_name} has no such layer (names as in "
+                         f"model.named_modules(), e.g. {shown})")
+    shapes = map_sizes(model, [layer_name], input_size, device, reshape)
+    if layer_name not in shapes:
+        raise UsageError(f"--cam_layer {layer_name}: the layer does not run in {model_name}'s forward pass")
+    size = _spatial(shapes[layer_name])
+    if size is None:
+        shape = f" {shapes[layer_name]}" if shapes[layer_name] else ""
+        raise UsageError(f"--cam_layer {layer_name}: its output{shape} is not a map (batch, channels, height, "
+                         f"width) for {model_name}; name a stage such as {default_layer_name(model, model_name)}")
+    return size
 
 
 def choose_layer(model: nn.Module, model_name: str, input_size: Sequence[int], device: torch.device,
@@ -135,21 +155,9 @@ def choose_layer(model: nn.Module, model_name: str, input_size: Sequence[int], d
     the family default, unless its map is smaller than MIN_MAP_SIDE (ResNet's layer4 is 2x2 at 64 px):
     then the last stage before it whose map is at least that large (the largest one if none is).
     ViT's map is its patch grid at every block, so its default stands."""
-    names = dict(model.named_modules())
     reshape = reshape_for(model_name, input_size)
     if layer_name is not None:
-        if layer_name not in names:
-            shown = ", ".join(list(names)[-5:])
-            raise UsageError(f"--cam_layer {layer_name}: {model_name} has no such layer (names as in "
-                             f"model.named_modules(), e.g. {shown})")
-        shapes = map_sizes(model, [layer_name], input_size, device, reshape)
-        if layer_name not in shapes:
-            raise UsageError(f"--cam_layer {layer_name}: the layer does not run in {model_name}'s forward pass")
-        size = _spatial(shapes[layer_name])
-        if size is None:
-            shape = f" {shapes[layer_name]}" if shapes[layer_name] else ""
-            raise UsageError(f"--cam_layer {layer_name}: its output{shape} is not a map (batch, channels, height, "
-                             f"width) for {model_name}; name a stage such as {default_layer_name(model, model_name)}")
+        size = _named_layer_map(model, model_name, layer_name, input_size, device, reshape)
         return layer_name, size, f"{layer_name} (--cam_layer), a {size[0]}x{size[1]} map"
     default = default_layer_name(model, model_name)
     shapes = map_sizes(model, _candidates(model, default), input_size, device, reshape)
@@ -162,12 +170,15 @@ def choose_layer(model: nn.Module, model_name: str, input_size: Sequence[int], d
     fine = [name for name in before if min(sizes[name]) >= MIN_MAP_SIDE]
     chosen = fine[-1] if fine else max(reversed(before or [default]), key=lambda name: min(sizes[name]))
     (height, width), (small_h, small_w) = sizes[chosen], sizes[default]
+    if chosen == default:  # no earlier stage has a larger map
+        return default, sizes[default], f"{default}, a {height}x{width} map (coarse: no earlier stage is larger)"
     return chosen, sizes[chosen], (f"{chosen}, a {height}x{width} map ({default} gives only {small_h}x{small_w} "
                                    f"at the {input_size[0]}x{input_size[1]} input; --cam_layer chooses another)")
 
 
 def find_target_layer(model: nn.Module, model_name: str, layer_name: Optional[str] = None,
-                      input_size: Sequence[int] = (DEFAULT_INPUT_SIDE, DEFAULT_INPUT_SIDE), device: Optional[torch.device] = None) -> tuple[str, nn.Module]:
+                      input_size: Sequence[int] = (DEFAULT_INPUT_SIDE, DEFAULT_INPUT_SIDE),
+                      device: Optional[torch.device] = None) -> tuple[str, nn.Module]:
     """(name, module) of the layer the heat map is taken at (see `choose_layer`)."""
     device = device or next(model.parameters()).device
     name, _, _ = choose_layer(model, model_name, input_size, device, layer_name)
