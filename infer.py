@@ -115,7 +115,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     inputs = resolve_inputs(args.image_path)  # before the model loads: a typo fails in a second
     predictor = load_predictor(args)
     min_confidence = resolve_min_confidence(args, predictor)
-    heat = load_heat_maps(args, predictor) if args.cam else None  # a wrong --cam_layer fails before predicting
     labels, labels_note = find_labels(inputs, predictor.class_names)
     print(f"Model: {predictor.describe()}  [{args.weights}{describe_epoch(predictor.checkpoint_info)}]")
     for note in ignored_flag_notes(args, predictor) + ([labels_note] if labels_note else []):
@@ -124,6 +123,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(describe_inputs(inputs, labels))
     for folder, reason in inputs.unreadable_folders:
         print(f"warning: cannot list folder {folder} ({reason}): its images are not predicted", file=sys.stderr)
+    heat = load_heat_maps(args, predictor) if args.cam else None  # a wrong --cam_layer fails before predicting
 
     results, seconds, workers = predict(predictor, inputs, labels, args)
     results.temperature, results.min_confidence = predictor.temperature, min_confidence

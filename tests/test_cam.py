@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -175,8 +174,7 @@ def test_heat_map_peak_finds_the_object_that_decides_the_class(tmp_path):
 
     make_object_images(tmp_path / "data" / "train", 100, seed=0)
     make_object_images(tmp_path / "data" / "val", 20, seed=1)
-    centres = make_object_images(tmp_path / "heldout", 20, seed=2)
-    shutil.rmtree(tmp_path / "heldout" / "none")  # no square, no place to find
+    centres = make_object_images(tmp_path / "heldout", 20, seed=2)  # "none" images have no square to find
     trained = run_script("train.py", "--dataset_path", str(tmp_path / "data"), "--model", "resnet18",
                          "--input_shape", "32", "--resize_mode", "stretch", "--augment", "none", "--epochs", "3",
                          "--batch_size", "16", "--seed", "0", "--workers", "0", "--no_audit",
@@ -189,11 +187,11 @@ def test_heat_map_peak_finds_the_object_that_decides_the_class(tmp_path):
     assert "heat maps from layer layer1, a 8x8 map (layer4 gives only 1x1" in result.stdout
     (out,) = (tmp_path / "out").iterdir()
     rows = list(csv.DictReader((out / "predictions.csv").open(encoding="utf-8")))
-    assert len(rows) == len(centres) and len(list((out / "cam").iterdir())) == len(centres)
-    correct = [row for row in rows if row["correct"] == "1"]
-    assert len(correct) >= 0.7 * len(rows), f"the model did not learn ({len(correct)} of {len(rows)} right)"
+    assert len(rows) == 60 and len(list((out / "cam").iterdir())) == 60
+    correct = [row for row in rows if row["correct"] == "1" and row["path"] in centres]
+    assert len(correct) >= 0.7 * len(centres), f"the model did not learn ({len(correct)} of {len(centres)} right)"
     radius, side = 9, 48
     near = [math.dist((float(row["cam_x"]), float(row["cam_y"])), centres[row["path"]]) <= radius for row in correct]
     chance = math.pi * radius ** 2 / side ** 2  # a peak thrown at random lands this often within the radius
     rate = sum(near) / len(near)
-    assert rate >= max(0.5, 3 * chance), f"peak on the object for {rate:.0%} of right answers (chance {chance:.0%})"
+    assert rate >= max(0.75, 3 * chance), f"peak on the object for {rate:.0%} of right answers (chance {chance:.0%})"
