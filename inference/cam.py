@@ -144,6 +144,9 @@ def _named_layer_map(model: nn.Module, model_name: str, layer_name: str, input_s
         shape = f" {shapes[layer_name]}" if shapes[layer_name] else ""
         raise UsageError(f"--cam_layer {layer_name}: its output{shape} is not a map (batch, channels, height, "
                          f"width) for {model_name}; name a stage such as {default_layer_name(model, model_name)}")
+    if size == (1, 1):  # one value per channel: every method gives a blank map with no place in it
+        raise UsageError(f"--cam_layer {layer_name}: its map is 1x1 at the {input_size[0]}x{input_size[1]} input, "
+                         f"which has no place to point at; name an earlier stage (or leave --cam_layer out)")
     return size
 
 
@@ -213,7 +216,10 @@ class HeatMaps:
                                  f"{error}); try another --cam_method or --cam_layer") from None
 
     def peak(self, heat_map: np.ndarray, original_size: Sequence[int]) -> tuple[float, float]:
-        """The hottest model-input pixel's centre, in original image pixels (x, y)."""
+        """The hottest model-input pixel's centre, in original image pixels (x, y); NaN for a blank
+        map (nothing raised the class's score: there is no place to name)."""
+        if not heat_map.max() > 0:
+            return float("nan"), float("nan")
         y, x = np.unravel_index(int(np.argmax(heat_map)), heat_map.shape)
         return model_to_original(x + 0.5, y + 0.5, original_size, self.preprocess)
 

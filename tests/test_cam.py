@@ -47,7 +47,9 @@ def test_a_heat_map_per_family(model_name):
         maps = heat(images, [0, 2])
         assert maps.shape == (2, 32, 32) and (maps >= 0).all() and (maps <= 1).all(), method
         x, y = heat.peak(maps[0], (64, 96))
-        assert 0 <= x < 96 and 0 <= y < 64
+        assert 0 <= x < 96 and 0 <= y < 64 if maps[0].max() > 0 else math.isnan(x) and math.isnan(y)
+    blank = heat.peak(np.zeros((32, 32), dtype=np.float32), (64, 96))  # nothing raised the score: no place
+    assert math.isnan(blank[0]) and math.isnan(blank[1])
 
 
 def test_clear_errors_for_a_wrong_layer_or_method():
@@ -86,6 +88,8 @@ def test_default_layer_keeps_a_map_of_at_least_7x7():
     assert "layer4 gives only 2x2 at the 64x64 input" in why
     assert choose_layer(model, "resnet18", (224, 224), cpu)[:2] == ("layer4", (7, 7))
     assert choose_layer(model, "resnet18", (64, 64), cpu, "layer4")[:2] == ("layer4", (2, 2))
+    with pytest.raises(UsageError, match="--cam_layer layer4: its map is 1x1 at the 32x32 input"):
+        choose_layer(model, "resnet18", (32, 32), cpu, "layer4")
     assert find_target_layer(model, "resnet18", input_size=(64, 64))[1] is model.layer2
     with pytest.raises(UsageError, match=r"--cam_layer fc: its output \(1, 3\) is not a map"):
         choose_layer(model, "resnet18", (64, 64), cpu, "fc")
