@@ -259,14 +259,16 @@ def heat_map_on_original(heat_map: np.ndarray, original_size: Sequence[int], pre
 
 
 def overlay_on_original(original: np.ndarray, heat_map: np.ndarray, preprocess: Preprocess) -> np.ndarray:
-    """The ORIGINAL RGB image (shrunk to MAX_OVERLAY_SIDE at most) with the model-input heat map
-    blended on where it belongs: what cam/<name>.jpg and the --cam grids show."""
+    """The ORIGINAL RGB image with the model-input heat map blended on where it belongs: what
+    cam/<name>.jpg and the --cam grids show. Shrunk to MAX_OVERLAY_SIDE at most; an image smaller
+    than the model input is enlarged to its size (nearest pixels), so the map keeps its detail."""
     import cv2
 
     height, width = original.shape[:2]
-    shrink = min(1.0, MAX_OVERLAY_SIDE / max(height, width))
+    longest = max(height, width)
+    scale = min(MAX_OVERLAY_SIDE / longest, max(1.0, max(preprocess.input_size) / longest))
     picture = original
-    if shrink < 1:
-        size = (max(1, round(width * shrink)), max(1, round(height * shrink)))
-        picture = cv2.resize(original, size, interpolation=cv2.INTER_AREA)
+    if scale != 1:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        picture = cv2.resize(original, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_NEAREST)
     return overlay(picture, heat_map_on_original(heat_map, (height, width), preprocess, picture.shape[:2]))

@@ -644,7 +644,7 @@ def test_cam_pictures_on_the_original_and_in_the_grids(weights, digits_root, tmp
     cam = Path(infer.main([*args, "--cam", "--save_dir", str(tmp_path / "cam")])["run_dir"])
     assert "note: --cam: gradcam heat maps from layer layer1, a 8x8 map (layer4 gives only 1x1" in capsys.readouterr().out
     pictures = sorted((cam / "cam").iterdir())
-    assert len(pictures) == 9 and all(read_rgb(p).shape == (8, 8, 3) for p in pictures)  # the digits are 8x8 scans
+    assert len(pictures) == 9 and all(read_rgb(p).shape == (32, 32, 3) for p in pictures)  # 8x8 scans, enlarged to the input
     assert json.loads((cam / "predictions.json").read_text(encoding="utf-8"))["cam"] == {
         "method": "gradcam", "layer": "layer1", "map_size": [8, 8]}
     for grid in ("samples.png", "worst_mistakes.png"):
