@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import numpy as np
     from tqdm import tqdm
 
+    from inference.cam import HeatMaps
     from inference.predictor import PredictionBatch, Predictions, Predictor
 
 MAX_LISTED = 20  # unreadable files printed to the console; all of them are in the output files
@@ -122,19 +123,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(describe_inputs(inputs, labels))
     for folder, reason in inputs.unreadable_folders:
         print(f"warning: cannot list folder {folder} ({reason}): its images are not predicted", file=sys.stderr)
+    heat = load_heat_maps(args, predictor) if args.cam else None  # a wrong --cam_layer fails before predicting
 
     results, seconds, workers = predict(predictor, inputs, labels, args)
     results.temperature, results.min_confidence = predictor.temperature, min_confidence
     if inputs.single and results.errors[0]:
         raise UsageError(results.errors[0])
     metrics = results.metrics()  # None unless a labelled tree
-    run_dir = write_outputs(results, metrics, inputs, predictor, args)
+    run_dir, cam_pictures = write_outputs(results, metrics, inputs, predictor, args, heat)
     if inputs.single:
         report_single(results, args.topk)
         draw_safely(save_single_picture, results, run_dir, args.show)
     else:
         report_many(results, metrics, seconds, args.batch_size, workers)
-        draw_safely(save_grids, results, run_dir, args.num_show, args.seed, args.show)
+        draw_safely(save_grids, results, run_dir, args.num_show, args.seed, args.show, cam_pictures)
     from inference.results import output_listing
 
     print(f"Results in {run_dir}:\n{output_listing(run_dir)}")
@@ -212,21 +214,23 @@ def _counted(batches: Iterable[PredictionBatch], bar: tqdm) -> Iterator[Predicti
 
 
 def write_outputs(results: Predictions, metrics: Optional[dict], inputs: ImageInputs, predictor: Predictor,
-                  args: argparse.Namespace) -> Path:
-    """predictions.txt/.csv/.json, and for a labelled tree the metrics files."""
+                  args: argparse.Namespace, heat: Optional[HeatMaps] = None) -> tuple[Path, dict[int, Path]]:
+    """predictions.txt/.csv/.json, and for a labelled tree the metrics files; with --cam the heat
+    maps first. Returns (run folder, {image index: its cam/<name>.jpg})."""
     from inference.results import write_csv, write_json_report, write_misclassified, write_txt
     from utils.checkpoint import timestamp
     from utils.logger import new_run_dir
     from utils.metrics import per_class_rows, plot_confusion_matrix, plot_curves, write_per_class_csv
 
     run_dir = new_run_dir(args.save_dir, predictor.model_name, subdirs=(), flag="--save_dir")
-    if args.cam:
-        add_heat_maps(results, predictor, run_dir, args)
+    cam = add_heat_maps(results, predictor, heat, run_dir, args.batch_size) if heat else None
     write_txt(results, run_dir / "predictions.txt")
     write_csv(results, run_dir / "predictions.csv", args.topk)
     run = {"checkpoint": args.weights, "model": predictor.model_name, "inputs": inputs.sources,
            "device": str(predictor.device), "created": timestamp(), "topk": args.topk,
            "temperature": predictor.temperature, "min_confidence": results.min_confidence}
+    if cam:
+        run["cam"] = {key: cam[key] for key in ("method", "layer", "map_size")}
     write_json_report(results, run_dir / "predictions.json", args.topk, run, metrics)
     if metrics is not None:
         write_per_class_csv(per_class_rows(metrics["confusion"], results.class_names), run_dir / "per_class.csv")
@@ -237,36 +241,47 @@ def write_outputs(results: Predictions, metrics: Optional[dict], inputs: ImageIn
         plot_curves(log_probs * results.temperature, targets, results.class_names, run_dir, title=title,
                     temperature=results.temperature)  # roc.png, pr.png, reliability.png
         write_misclassified(results, run_dir / "misclassified.csv")
-    return run_dir
+    return run_dir, cam["pictures"] if cam else {}
 
 
-def add_heat_maps(results: Predictions, predictor: Predictor, run_dir: Path, args: argparse.Namespace) -> None:
-    """cam/<name>.jpg for every readable image (the model's view with the heat map of its predicted
-    class) and results.cam_points: each peak in original image pixels (inference.cam)."""
-    import torch
-
-    from inference.cam import HeatMaps, overlay
-    from utils.data import read_rgb
-    from utils.visualize import save_rgb
+def load_heat_maps(args: argparse.Namespace, predictor: Predictor) -> HeatMaps:
+    """The --cam method at its layer (inference.cam chooses one whose map is at least 7x7 unless
+    --cam_layer names it), said on the console."""
+    from inference.cam import HeatMaps
 
     heat = HeatMaps(predictor.model, predictor.model_name, predictor.preprocess, predictor.device,
                     args.cam_method, args.cam_layer)
+    print(f"note: --cam: {args.cam_method} heat maps from layer {heat.description}")
+    return heat
+
+
+def add_heat_maps(results: Predictions, predictor: Predictor, heat: HeatMaps, run_dir: Path, batch_size: int) -> dict:
+    """cam/<name>.jpg for every readable image (the ORIGINAL image with the heat map of its predicted
+    class) and results.cam_points: each peak in original image pixels (inference.cam). Returns
+    {"pictures": {image index: its cam/<name>.jpg}, "method", "layer", "map_size"}."""
+    import torch
+
+    from inference.cam import overlay_on_original
+    from utils.data import read_rgb
+    from utils.visualize import save_rgb
+
     _, predicted = results.top1()
     results.cam_points = torch.full((len(results), 2), float("nan"))
-    folder, used = run_dir / "cam", set()
+    folder, pictures, used = run_dir / "cam", {}, set()
     folder.mkdir()
     readable = results.readable.nonzero().flatten().tolist()
-    for start in range(0, len(readable), args.batch_size):
-        chosen = readable[start:start + args.batch_size]
+    for start in range(0, len(readable), batch_size):
+        chosen = readable[start:start + batch_size]
         originals = [read_rgb(results.paths[i]) for i in chosen]
         views = torch.stack([predictor.transform(torch.from_numpy(a).permute(2, 0, 1)) for a in originals])
         maps = heat(views, [int(predicted[i]) for i in chosen])
-        for i, original, view, heat_map in zip(chosen, originals, views, maps):
+        for i, original, heat_map in zip(chosen, originals, maps):
             results.cam_points[i] = torch.tensor(heat.peak(heat_map, original.shape[:2]))
             name = Path(results.paths[i]).stem
             name = name if name not in used else f"{name}_{i}"  # two folders may hold the same name
             used.add(name)
-            save_rgb(folder / f"{name}.jpg", overlay(view.permute(1, 2, 0).numpy(), heat_map))
+            pictures[i] = save_rgb(folder / f"{name}.jpg", overlay_on_original(original, heat_map, predictor.preprocess))
+    return {"pictures": pictures, "method": heat.method, "layer": heat.layer_name, "map_size": list(heat.map_size)}
 
 
 def report_single(results: Predictions, k: int) -> None:
@@ -334,23 +349,25 @@ def save_single_picture(results: Predictions, run_dir: Path, show: bool) -> None
         show_picture(picture, saved)
 
 
-def save_grids(results: Predictions, run_dir: Path, count: int, seed: int, show: bool) -> None:
-    """samples.png: `count` random readable images; worst_mistakes.png: the most confident errors."""
+def save_grids(results: Predictions, run_dir: Path, count: int, seed: int, show: bool,
+               cam_pictures: dict[int, Path]) -> None:
+    """samples.png: `count` random readable images; worst_mistakes.png: the most confident errors.
+    With --cam, each image is its heat-map picture (cam/<name>.jpg, already written: not recomputed)."""
     if count == 0:
         return
     readable = results.readable.nonzero().flatten().tolist()
     if not readable:
         return
     chosen = sorted(random.Random(seed).sample(readable, min(count, len(readable))))
-    samples = draw_grid(results, chosen, run_dir / "samples.png")
+    samples = draw_grid(results, chosen, run_dir / "samples.png", cam_pictures)
     mistakes = results.mistakes()[:count]
     if mistakes:
-        draw_grid(results, mistakes, run_dir / "worst_mistakes.png")
+        draw_grid(results, mistakes, run_dir / "worst_mistakes.png", cam_pictures)
     if show:
         show_picture(samples, run_dir / "samples.png")
 
 
-def draw_grid(results: Predictions, indices: list[int], path: Path) -> np.ndarray:
+def draw_grid(results: Predictions, indices: list[int], path: Path, cam_pictures: dict[int, Path]) -> np.ndarray:
     from utils.data import read_rgb
     from utils.visualize import caption_colour, caption_lines, prediction_grid, save_rgb
 
@@ -359,7 +376,7 @@ def draw_grid(results: Predictions, indices: list[int], path: Path) -> np.ndarra
     for i in indices:
         name = results.class_names[int(predicted[i])]
         truth = results.class_names[int(results.labels[i])] if results.labels is not None else None
-        images.append(read_rgb(results.paths[i]))
+        images.append(read_rgb(cam_pictures.get(i, results.paths[i])))
         captions.append(caption_lines(name, float(confidence[i]), truth))
         colours.append(caption_colour(name, truth))
     grid = prediction_grid(images, captions, colours)

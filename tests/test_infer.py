@@ -628,3 +628,29 @@ def test_min_confidence_auto_and_bad_values(weights, bare_weights, digits_root, 
         line = fatal(["--weights", weights, "--image_path", str(digits_root / "test"), "--min_confidence", bad,
                       "--save_dir", str(tmp_path)], capsys)
         assert f"--min_confidence must be a probability between 0 and 1 or 'auto', got {bad}" in line
+
+
+def test_cam_pictures_on_the_original_and_in_the_grids(weights, digits_root, tmp_path, capsys):
+    """--cam: one cam/<name>.jpg per image at the ORIGINAL image's size, the layer said and stored, and
+    the sample and worst-mistakes grids made of the heat-map pictures (so they differ from plain ones).
+    The digits of 0 sit in folder 1 and back: mistakes are certain."""
+    tree = tmp_path / "tree"
+    for digit, folder in (("0", "1"), ("1", "0"), ("2", "2")):
+        (tree / folder).mkdir(parents=True, exist_ok=True)
+        for source in sorted((digits_root / "val" / digit).iterdir())[:3]:
+            shutil.copy(source, tree / folder / source.name)
+    args = ["--weights", weights, "--image_path", str(tree), "--num_show", "4", "--workers", "0"]
+    plain = Path(infer.main([*args, "--save_dir", str(tmp_path / "plain")])["run_dir"])
+    cam = Path(infer.main([*args, "--cam", "--save_dir", str(tmp_path / "cam")])["run_dir"])
+    assert "note: --cam: gradcam heat maps from layer layer1, a 8x8 map (layer4 gives only 1x1" in capsys.readouterr().out
+    pictures = sorted((cam / "cam").iterdir())
+    assert len(pictures) == 9 and all(read_rgb(p).shape == (32, 32, 3) for p in pictures)  # 8x8 scans, enlarged to the input
+    assert json.loads((cam / "predictions.json").read_text(encoding="utf-8"))["cam"] == {
+        "method": "gradcam", "layer": "layer1", "map_size": [8, 8]}
+    for grid in ("samples.png", "worst_mistakes.png"):
+        with_cam, without = read_rgb(cam / grid), read_rgb(plain / grid)
+        assert with_cam.shape == without.shape and np.abs(with_cam.astype(int) - without).mean() > 5, grid
+    images = ["--image_path", str(tree), "--save_dir", str(tmp_path / "bad"), "--cam"]
+    assert "--cam_layer layer9: resnet18 has no such layer" in fatal(["--weights", weights, "--cam_layer", "layer9", *images], capsys)
+    assert "--cam_layer fc: its output (1, 10) is not a map" in fatal(["--weights", weights, "--cam_layer", "fc", *images], capsys)
+    assert not (tmp_path / "bad").exists()  # refused before predicting

@@ -279,24 +279,34 @@ def _centre_offset(side: int, cropped: int) -> int:
     return int(round((side - cropped) / 2.0))  # as torchvision's center_crop places its window
 
 
-def model_to_original(x: float, y: float, original_size: Sequence[int], pre: Preprocess) -> tuple[float, float]:
-    """A point of the model input (pixel units, x right, y down; pixel i covers [i, i+1)) back to
-    the ORIGINAL image it was made from by `build_eval_transform(pre)`: undoes the stretch, the
-    letterbox padding and scale, or the resize and centre crop (with ResizeCover's working region).
-    The result is clamped inside the original image [0, W) x [0, H)."""
+def original_to_model_axes(original_size: Sequence[int], pre: Preprocess) -> tuple[tuple[float, float], tuple[float, float]]:
+    """How `build_eval_transform(pre)` moves points, per axis: ((scale_x, offset_x), (scale_y, offset_y))
+    with model = original * scale + offset (pixel units, x right, y down; pixel i covers [i, i+1)).
+    Every resize mode is a scale and a shift per axis: the stretch; the letterbox scale and its
+    padding; the crop's resize (of ResizeCover's working region) and its centre cut."""
     height, width = original_size
     size_h, size_w = pre.input_size
     if pre.resize_mode == "stretch":
-        ox, oy = x * width / size_w, y * height / size_h
-    elif pre.resize_mode == "letterbox":
+        return (size_w / width, 0.0), (size_h / height, 0.0)
+    if pre.resize_mode == "letterbox":
         scale = min(size_h / height, size_w / width)
         new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
         top, left = (size_h - new_h) // 2, (size_w - new_w) // 2
-        ox, oy = (x - left) * width / new_w, (y - top) * height / new_h
-    else:  # crop: centre-cut to `kept`, resize to `resized`, centre-crop to input_size
-        cover = ResizeCover(pre.input_size, pre.crop_pct, _interpolation(pre.interpolation))
-        (kept_h, kept_w), (resized_h, resized_w) = cover.working_region(height, width)
-        rx, ry = x + _centre_offset(resized_w, size_w), y + _centre_offset(resized_h, size_h)
-        ox = rx * kept_w / resized_w + _centre_offset(width, kept_w)
-        oy = ry * kept_h / resized_h + _centre_offset(height, kept_h)
+        return (new_w / width, float(left)), (new_h / height, float(top))
+    cover = ResizeCover(pre.input_size, pre.crop_pct, _interpolation(pre.interpolation))
+    kept, resized = cover.working_region(height, width)
+    axes = []
+    for side, keep, grown, target in ((width, kept[1], resized[1], size_w), (height, kept[0], resized[0], size_h)):
+        scale = grown / keep  # centre-cut to `keep`, resize to `grown`, centre-crop to `target`
+        axes.append((scale, -_centre_offset(side, keep) * scale - _centre_offset(grown, target)))
+    return axes[0], axes[1]
+
+
+def model_to_original(x: float, y: float, original_size: Sequence[int], pre: Preprocess) -> tuple[float, float]:
+    """A point of the model input (pixel units) back to the ORIGINAL image it was made from by
+    `build_eval_transform(pre)` (the inverse of `original_to_model_axes`), clamped inside the
+    original image [0, W) x [0, H)."""
+    height, width = original_size
+    (scale_x, offset_x), (scale_y, offset_y) = original_to_model_axes(original_size, pre)
+    ox, oy = (x - offset_x) / scale_x, (y - offset_y) / scale_y
     return min(max(ox, 0.0), width - 1e-3), min(max(oy, 0.0), height - 1e-3)
