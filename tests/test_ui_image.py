@@ -119,13 +119,20 @@ def test_keys_zoom_fit_and_the_wheel_zooms_around_the_cursor(qtbot, viewer, tiny
     press(qtbot, window, Qt.Key_0)
     assert view.fitted and view.zoom == pytest.approx(fitted)
 
-    # the wheel: the picture's point under the cursor stays under it
+    # the wheel: the picture's point under the cursor stays under it (once the picture is bigger than
+    # the view: a smaller one stays centred, as in any viewer)
+    for _ in range(10):
+        shown = view.mapFromScene(view.sceneRect()).boundingRect()
+        if shown.width() > view.viewport().width() and shown.height() > view.viewport().height():
+            break
+        press(qtbot, window, Qt.Key_Plus)
+    zoom = view.zoom
     cursor = QPoint(view.viewport().width() // 3, view.viewport().height() // 3)
     held = view.mapToScene(cursor)
     wheel = QWheelEvent(QPointF(cursor), QPointF(view.viewport().mapToGlobal(cursor)), QPoint(0, 0), QPoint(0, 240),
                         Qt.NoButton, Qt.NoModifier, Qt.NoScrollPhase, False)
     QApplication.sendEvent(view.viewport(), wheel)
-    assert view.zoom == pytest.approx(fitted * ZOOM_STEP ** 2)
+    assert view.zoom == pytest.approx(zoom * ZOOM_STEP ** 2)
     moved = view.mapToScene(cursor) - held
     assert abs(moved.x()) <= 2 / view.zoom and abs(moved.y()) <= 2 / view.zoom  # scroll positions are whole pixels
 
@@ -170,6 +177,20 @@ def test_heat_map_toggle_draws_in_the_worker_and_is_cached(qtbot, viewer, digits
                                             window.predictions[1].predicted_index)
     qtbot.waitUntil(lambda: window.heat_maps.waiting_for is None, timeout=60_000)
     assert len(window.heat_maps.overlays) == 2 and item.path != window.predictions[1].path
+
+
+def test_heat_map_during_a_paused_run(qtbot, viewer, digits_root):
+    """The worker is inside a run (paused): it still draws the heat map of the image on screen."""
+    window = viewer(image_dir=str(digits_root / "test"), batch_size=1)
+    assert window.start_run()
+    qtbot.waitUntil(lambda: window.current == 0, timeout=60_000)
+    press(qtbot, window, Qt.Key_Space)
+    assert window.paused and window.running
+    press(qtbot, window, Qt.Key_H)
+    qtbot.waitUntil(lambda: window.heat_maps.waiting_for is None, timeout=60_000)
+    assert window.running and window.paused and len(window.heat_maps.overlays) == 1
+    window.stop_run()
+    qtbot.waitUntil(lambda: not window.running, timeout=60_000)
 
 
 def test_heat_map_is_off_limits_with_a_reason(qtbot, viewer, trained_onnx, digits_root):

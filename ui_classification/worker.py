@@ -8,7 +8,7 @@ is busy inside `run`); a fresh pair per run means a stop can never leak into the
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -104,11 +104,12 @@ class RunJob:
     def resume(self) -> None:
         self.not_paused.set()
 
-    def may_continue(self) -> bool:
-        """Blocks while paused; False once a stop was requested."""
+    def may_continue(self, while_paused: Callable[[], None] = lambda: None) -> bool:
+        """Blocks while paused, calling `while_paused` between polls; False once a stop was requested."""
         while not self.not_paused.wait(PAUSE_POLL_SECONDS):
             if self.stop_requested.is_set():
                 return False
+            while_paused()
         return not self.stop_requested.is_set()
 
 
@@ -188,7 +189,7 @@ class InferenceWorker(QObject):
         if self.predictor is None:
             raise RuntimeError("run requested before a model was loaded")
         batches: Iterator[PredictionBatch] = self.predictor.predict_paths(job.paths, job.batch_size)
-        while job.may_continue():
+        while job.may_continue(while_paused=self.serve_heat_map):  # a paused run still draws heat maps
             self.serve_heat_map()  # the image the user looks at comes before the rest of the folder
             batch = next(batches, None)
             if batch is None:
