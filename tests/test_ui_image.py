@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_script, write_image
-from PyQt5.QtCore import QPoint, QPointF, Qt
-from PyQt5.QtGui import QWheelEvent
+from PyQt5.QtCore import QEvent, QPoint, QPointF, Qt
+from PyQt5.QtGui import QMouseEvent, QWheelEvent
 from PyQt5.QtWidgets import QApplication
 from test_ui import press, run_to_end
 
@@ -136,13 +136,19 @@ def test_keys_zoom_fit_and_the_wheel_zooms_around_the_cursor(qtbot, viewer, tiny
     moved = view.mapToScene(cursor) - held
     assert abs(moved.x()) <= 2 / view.zoom and abs(moved.y()) <= 2 / view.zoom  # scroll positions are whole pixels
 
-    # a drag pans the zoomed picture
+    # a drag pans the zoomed picture (mouse events with the button held, as a real drag sends them;
+    # QTest's mouseMove carries no buttons)
     before = view.mapToScene(view.viewport().rect().center())
-    qtbot.mousePress(view.viewport(), Qt.LeftButton, pos=cursor)
-    qtbot.mouseMove(view.viewport(), cursor + QPoint(40, 30))
-    qtbot.mouseRelease(view.viewport(), Qt.LeftButton, pos=cursor + QPoint(40, 30))
+    for kind, offset, button, held_buttons in ((QEvent.MouseButtonPress, QPoint(0, 0), Qt.LeftButton, Qt.LeftButton),
+                                               (QEvent.MouseMove, QPoint(20, 15), Qt.NoButton, Qt.LeftButton),
+                                               (QEvent.MouseMove, QPoint(40, 30), Qt.NoButton, Qt.LeftButton),
+                                               (QEvent.MouseButtonRelease, QPoint(40, 30), Qt.LeftButton, Qt.NoButton)):
+        event = QMouseEvent(kind, QPointF(cursor + offset), button, held_buttons, Qt.NoModifier)
+        QApplication.sendEvent(view.viewport(), event)
     after = view.mapToScene(view.viewport().rect().center())
-    assert after.x() < before.x() and after.y() < before.y() and not view.fitted
+    assert not view.fitted  # the picture moved with the mouse: right and down, so the view shows more of the left and top
+    assert after.x() == pytest.approx(before.x() - 40 / view.zoom, abs=2 / view.zoom)
+    assert after.y() == pytest.approx(before.y() - 30 / view.zoom, abs=2 / view.zoom)
 
 
 def test_heat_map_toggle_draws_in_the_worker_and_is_cached(qtbot, viewer, digits_root):

@@ -294,10 +294,12 @@ class ViewerWindow(QMainWindow):
     def _bind_keys(self) -> None:
         """Window-wide keys: they work whichever widget has the focus, except while typing in the
         interval box (it keeps the arrows and Space for editing; Enter hands them back)."""
+        view = self.image_view
         for key, slot in (("Right", self.show_next), ("Left", self.show_previous), ("Space", self.toggle_pause),
                           ("Home", self.show_first), ("End", self.show_last), ("R", self.toggle_run),
-                          ("Ctrl+S", self.record), ("+", self.image_view.zoom_in), ("=", self.image_view.zoom_in),
-                          ("-", self.image_view.zoom_out), ("F", self.image_view.fit), ("0", self.image_view.fit), ("H", self.toggle_heat_map)):
+                          ("Ctrl+S", self.record), ("H", self.toggle_heat_map),
+                          ("+", view.zoom_in), ("=", view.zoom_in), ("-", view.zoom_out),  # = is + without Shift
+                          ("F", view.fit), ("0", view.fit)):
             shortcut = QShortcut(QKeySequence(key), self, slot)
             shortcut.setContext(Qt.WindowShortcut)
 
