@@ -222,4 +222,5 @@ def heat_map_overlay(predictor: Predictor, array: np.ndarray, class_index: int, 
         (heat_map,) = heat(view.unsqueeze(0), [class_index])
     finally:
         heat.release()
+        predictor.model.zero_grad(set_to_none=True)  # the backward pass left a gradient per weight: free it
     return overlay(view.permute(1, 2, 0).numpy(), heat_map)
