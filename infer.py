@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 from inference.inputs import ImageInputs, Labels, add_bare_state_dict_args, find_labels, resolve_inputs
+from inference.options import add_cam_args, add_min_confidence_arg, check_min_confidence
+from inference.options import resolve_min_confidence as shared_resolve_min_confidence
 
 # Only torch-free modules at the top: the flags and --image_path are checked before torch loads
 # (seconds), so a typo fails at once. The functions below import what they need.
@@ -66,16 +68,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="results go to SAVE_DIR/<time>_<model>/, a new folder each run; default %(default)s")
     output.add_argument("--num_show", "--num-show", type=int, default=5,
                         help="images in the sample grid and in the worst-mistakes grid, 0 for none; default %(default)s")
-    output.add_argument("--min_confidence", "--min-confidence", default=None, metavar="P|auto",
-                        help="answer 'unknown' when the top (calibrated) probability is below P (0-1); auto: the "
-                             "threshold train.py suggested from val (99%% of val's answers above it were right)")
+    add_min_confidence_arg(output)
     output.add_argument("--cam", action="store_true",
                         help="heat maps (pytorch-grad-cam) of where the model looked for its predicted class: "
                              "cam/<name>.jpg per image and cam_x, cam_y (the peak, original pixels) in predictions.csv/json")
-    output.add_argument("--cam_method", "--cam-method", default="gradcam", choices=("gradcam", "gradcam++", "eigencam"),
-                        help="with --cam: the method; default %(default)s")
-    output.add_argument("--cam_layer", "--cam-layer", default=None,
-                        help="with --cam: the layer (a model.named_modules() name); default: chosen per model family")
+    add_cam_args(output, "with --cam")
     output.add_argument("--seed", type=int, default=0, help="picks the sample grid's images; default %(default)s")
     output.add_argument("--show", action="store_true",
                         help="also open the picture in a window (only where a display exists)")
@@ -88,25 +85,12 @@ def check_args(args: argparse.Namespace) -> None:
         if value is not None and value < smallest:
             raise UsageError(f"--{flag} must be at least {smallest}, got {value}")
     check_output_dir(args.save_dir, "--save_dir")  # now, not after the model ran on every image
-    if args.min_confidence not in (None, "auto"):
-        try:
-            value = float(args.min_confidence)
-        except ValueError:
-            value = float("nan")
-        if not 0 <= value <= 1:
-            raise UsageError(f"--min_confidence must be a probability between 0 and 1 or 'auto', got {args.min_confidence}")
+    check_min_confidence(args.min_confidence)
 
 
 def resolve_min_confidence(args: argparse.Namespace, predictor: Predictor) -> Optional[float]:
     """--min_confidence as a number; 'auto' reads the checkpoint's suggested_min_confidence."""
-    if args.min_confidence != "auto":
-        return None if args.min_confidence is None else float(args.min_confidence)
-    suggested = predictor.checkpoint_info.get("suggested_min_confidence")
-    if suggested is None:
-        why = ("no threshold kept 99% of val's answers right" if "suggested_min_confidence" in predictor.checkpoint_info
-               else "it has no suggested_min_confidence (trained before this was stored, or a bare state_dict)")
-        raise UsageError(f"--min_confidence auto: {args.weights}: {why}; give a number such as --min_confidence 0.5")
-    return float(suggested)
+    return shared_resolve_min_confidence(args.min_confidence, predictor.checkpoint_info, args.weights)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from inference.options import CAM_METHODS
 from utils.errors import UsageError
 from utils.transforms import (
     DEFAULT_INPUT_SIDE,
@@ -30,7 +31,6 @@ from utils.transforms import (
     original_to_model_axes,
 )
 
-CAM_METHODS = ("gradcam", "gradcam++", "eigencam")
 MAX_OVERLAY_SIDE = 2048  # cam/<name>.jpg is the original image, shrunk to this long side at most (memory, disk)
 
 
@@ -214,6 +214,13 @@ class HeatMaps:
             except (RuntimeError, ValueError, IndexError) as error:
                 raise UsageError(f"--cam at layer {self.layer_name} does not apply here ({type(error).__name__}: "
                                  f"{error}); try another --cam_method or --cam_layer") from None
+
+    def release(self) -> None:
+        """Take the hooks off the model. While they are on, every forward pass of the model keeps a
+        copy of the layer's output (pytorch-grad-cam), so a model that goes on classifying (the
+        viewer's) must release them after each heat map."""
+        self.cam.activations_and_grads.release()
+        self.cam.activations_and_grads.activations = []
 
     def peak(self, heat_map: np.ndarray, original_size: Sequence[int]) -> tuple[float, float]:
         """The hottest model-input pixel's centre, in original image pixels (x, y); NaN for a blank

@@ -287,6 +287,29 @@ def prefers_channels_last(model_name: str, device: torch.device) -> bool:
 UNKNOWN = "unknown"  # the answer when the top probability is below --min_confidence
 
 
+def below_min_confidence(probs: torch.Tensor, min_confidence: Optional[float]) -> torch.Tensor:
+    """(N,) bool: the top probability of the row is below min_confidence, so the answer is UNKNOWN
+    (all False without a threshold; NaN rows, unreadable files, are never below)."""
+    if min_confidence is None:
+        return torch.zeros(probs.shape[0], dtype=torch.bool)
+    return probs.max(dim=1).values < min_confidence
+
+
+def coverage_counts(probs: torch.Tensor, labels: torch.Tensor, min_confidence: Optional[float]) -> tuple[int, int, int]:
+    """Over evaluated rows (read, with a true class): (count, answered, answered right). Counts add
+    up batch by batch, so the viewer's live metrics and infer.py's report come out the same."""
+    answered = ~below_min_confidence(probs, min_confidence)
+    right = int((probs.argmax(dim=1)[answered] == labels[answered]).sum())
+    return len(labels), int(answered.sum()), right
+
+
+def coverage_report(min_confidence: Optional[float], count: int, answered: int, right: int) -> dict:
+    """unknown (count), coverage (share answered) and covered_accuracy (accuracy on the answered)."""
+    return {"min_confidence": min_confidence, "unknown": count - answered,
+            "coverage": answered / count if count else None,
+            "covered_accuracy": right / answered if answered else None}
+
+
 @dataclass
 class Predictions:
     """All predictions of one run in input order, with the ground truth when it is known.
@@ -339,9 +362,7 @@ class Predictions:
 
     def unknown(self) -> torch.Tensor:
         """(N,) bool: read, but the top probability is below min_confidence (answer UNKNOWN)."""
-        if self.min_confidence is None:
-            return torch.zeros(len(self), dtype=torch.bool)
-        return self.readable & (self.top1()[0] < self.min_confidence)
+        return self.readable & below_min_confidence(self.probs, self.min_confidence)
 
     def answers(self) -> list[Optional[str]]:
         """Per file: the predicted class name, UNKNOWN, or None for an unreadable file."""
@@ -381,13 +402,8 @@ class Predictions:
 
     def _coverage(self, evaluated: torch.Tensor) -> dict:
         """unknown (count), coverage (share answered) and covered_accuracy over the evaluated files."""
-        _, predicted = self.top1()
-        answered = evaluated & ~self.unknown()
-        right = int((predicted[answered] == self.labels[answered]).sum())  # type: ignore[index]
-        count = int(evaluated.sum())
-        return {"min_confidence": self.min_confidence, "unknown": count - int(answered.sum()),
-                "coverage": int(answered.sum()) / count,
-                "covered_accuracy": right / int(answered.sum()) if answered.any() else None}
+        counts = coverage_counts(self.probs[evaluated], self.labels[evaluated], self.min_confidence)  # type: ignore[index]
+        return coverage_report(self.min_confidence, *counts)
 
     def evaluated_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probabilities, true classes) of the evaluated files: what the curves are drawn from."""

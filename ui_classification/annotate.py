@@ -1,6 +1,10 @@
 """The viewer's picture of a prediction: utils.visualize's caption (the same as infer.py's) on the
 image, in the window's language, converted to a QImage for display.
 
+Small images are enlarged by a whole factor, nearest-neighbour, before the caption is drawn: each
+source pixel becomes an exact k x k block, so the window (and the saved copy) show the real pixels
+rather than a blur, and the window can draw a grid on the pixel borders.
+
 Everything here is thread-safe (numpy and QImage, no QPixmap), so the worker uses the same
 function to write the annotated copies that the window shows.
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PyQt5.QtGui import QImage
@@ -32,16 +37,45 @@ def to_qimage(array: np.ndarray) -> QImage:
 
 def caption_lines(item: ImagePrediction, class_names: Sequence[str], text: Text) -> list[str]:
     """The text drawn on the image: prediction and probability, then the true class when known."""
-    lines = [text("overlay_prediction", name=class_names[item.predicted_index], probability=f"{item.probability:.1%}")]
+    key = "overlay_unknown" if item.unknown else "overlay_prediction"
+    lines = [text(key, name=class_names[item.predicted_index], probability=f"{item.probability:.1%}")]
     if item.true_index is not None:
         lines.append(text("overlay_truth", name=class_names[item.true_index], mark="✓" if item.correct else "✗"))
     return lines
 
 
-def annotate(array: np.ndarray, item: ImagePrediction, class_names: Sequence[str], text: Text) -> np.ndarray:
-    """The image (RGB array) with its caption bar: green when right, red when wrong, grey when unknown."""
+def enlarge_nearest(array: np.ndarray, min_side: int = MIN_SIDE) -> tuple[np.ndarray, int]:
+    """(image, k): enlarged k times, nearest-neighbour, the smallest whole k that brings the longer
+    side to `min_side` (k = 1 for an image that big already). Both sides stay under 2 * min_side."""
+    height, width = array.shape[:2]
+    factor = max(1, -(-min_side // max(height, width, 1)))
+    if factor == 1:
+        return array, 1
+    return np.repeat(np.repeat(array, factor, axis=0), factor, axis=1), factor
+
+
+@dataclass
+class Picture:
+    """What the window shows: the caption bar and, below it, the image enlarged `pixel` times."""
+
+    bar: np.ndarray  # RGB uint8
+    image: np.ndarray  # RGB uint8, every source pixel a pixel x pixel block
+    pixel: int
+
+
+def picture(array: np.ndarray, item: ImagePrediction, class_names: Sequence[str], text: Text) -> Picture:
+    """The image (RGB array) and its caption bar: green when right, red when wrong, grey when unknown."""
+    image, factor = enlarge_nearest(array)
     colour = NEUTRAL if item.correct is None else CORRECT if item.correct else WRONG
-    return draw_caption(array, caption_lines(item, class_names, text), colour, MIN_SIDE)
+    captioned = draw_caption(image, caption_lines(item, class_names, text), colour, MIN_SIDE)  # no more enlarging
+    bar_height = captioned.shape[0] - image.shape[0]
+    return Picture(captioned[:bar_height], image, factor)
+
+
+def annotate(array: np.ndarray, item: ImagePrediction, class_names: Sequence[str], text: Text) -> np.ndarray:
+    """The picture as one RGB array, caption bar above the image (the saved annotated copies)."""
+    shown = picture(array, item, class_names, text)
+    return np.concatenate([shown.bar, shown.image], axis=0)
 
 
 def save_annotated(image: np.ndarray, folder: str | os.PathLike, source_path: str) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
 
 from inference.inputs import add_bare_state_dict_args
+from inference.options import add_cam_args, add_min_confidence_arg, check_min_confidence
 from ui_classification.strings import LANGUAGES
 from utils.errors import UsageError
 
@@ -40,6 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", "--batch-size", type=int, default=32,
                         help="images classified per batch, ahead of what is shown")
     parser.add_argument("--interval", type=float, default=1.0, help="autoplay: seconds per image")
+    add_min_confidence_arg(parser)
+    add_cam_args(parser, "heat-map toggle (H)")
     add_bare_state_dict_args(parser)
     return parser
 
@@ -61,6 +64,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not DEVICE_NAME.fullmatch(args.device):  # its availability is checked with the model, in the window
         raise UsageError(f"--device {args.device!r} is not a device this project runs on "
                          "(use auto, cpu, cuda, cuda:N or mps)")
+    check_min_confidence(args.min_confidence)
     if args.input_shape and not 1 <= len(args.input_shape) <= 2:
         raise UsageError(f"--input_shape takes H or H W, got {len(args.input_shape)} numbers")
 
@@ -70,7 +74,8 @@ def options_from_args(args: argparse.Namespace) -> ViewerOptions:
 
     return ViewerOptions(weights=args.weights, image_dir=args.image_dir, save_dir=args.save_dir, title=args.title,
                          lang=args.lang, device=args.device, batch_size=args.batch_size, interval=args.interval,
-                         model=args.model, categories=args.categories, input_shape=args.input_shape)
+                         model=args.model, categories=args.categories, input_shape=args.input_shape,
+                         cam_method=args.cam_method, cam_layer=args.cam_layer, min_confidence=args.min_confidence)
 
 
 def keep_window_on_errors(window: ViewerWindow) -> None:

@@ -18,7 +18,14 @@ from typing import Optional
 import torch
 
 from inference.inputs import ImageInputs, find_labels
-from inference.predictor import PredictionBatch, Predictions, topk
+from inference.predictor import (
+    PredictionBatch,
+    Predictions,
+    below_min_confidence,
+    coverage_counts,
+    coverage_report,
+    topk,
+)
 from inference.results import write_csv
 from ui_classification.strings import Text
 from utils.files import unique_path
@@ -40,6 +47,7 @@ class ImagePrediction:
     true_index: Optional[int]  # None when the folder is not a labelled tree
     error: str = ""
     saved_path: str = ""  # the annotated copy, when a save folder was set
+    unknown: bool = False  # the top probability is below --min_confidence: the answer is "unknown"
 
     @property
     def predicted_index(self) -> int:
@@ -51,7 +59,8 @@ class ImagePrediction:
 
     @property
     def correct(self) -> Optional[bool]:
-        return None if self.true_index is None else self.true_index == self.predicted_index
+        """None without a true class, or when the answer is "unknown" (no answer, so no mistake: infer.py's rule)."""
+        return None if self.true_index is None or self.unknown else self.true_index == self.predicted_index
 
 
 def folder_labels(folder: str, paths: Sequence[str], class_names: Sequence[str]) -> tuple[Optional[dict], Optional[str]]:
@@ -61,26 +70,32 @@ def folder_labels(folder: str, paths: Sequence[str], class_names: Sequence[str])
 
 
 def predictions_from_batch(batch: PredictionBatch, class_names: Sequence[str], labels: Optional[dict],
-                           k: int = TOP_K) -> list[ImagePrediction]:
+                           k: int = TOP_K, min_confidence: Optional[float] = None) -> list[ImagePrediction]:
     tops = topk(torch.nan_to_num(batch.probs, nan=0.0), class_names, k)
+    unknown = below_min_confidence(batch.probs, min_confidence).tolist()
     return [
-        ImagePrediction(path, probs, top, labels.get(path) if labels else None, error)
-        for path, probs, top, error in zip(batch.paths, batch.probs, tops, batch.errors)
+        ImagePrediction(path, probs, top, labels.get(path) if labels else None, error, unknown=unsure)
+        for path, probs, top, error, unsure in zip(batch.paths, batch.probs, tops, batch.errors, unknown)
     ]
 
 
-def as_predictions(items: Sequence[ImagePrediction], class_names: Sequence[str], labelled: bool) -> Predictions:
+def as_predictions(items: Sequence[ImagePrediction], class_names: Sequence[str], labelled: bool,
+                   min_confidence: Optional[float] = None) -> Predictions:
     """The run as the column-wise Predictions infer.py writes its files from."""
     probs = torch.stack([item.probabilities for item in items]) if items else torch.empty(0, len(class_names))
     labels = torch.tensor([item.true_index for item in items], dtype=torch.long) if labelled and items else None
-    return Predictions([item.path for item in items], probs, [item.error for item in items], list(class_names), labels)
+    return Predictions([item.path for item in items], probs, [item.error for item in items], list(class_names), labels,
+                       min_confidence=min_confidence)
 
 
 class LiveMetrics:
     """Counts and split-wide metrics of one run, updated batch by batch."""
 
-    def __init__(self, class_names: Sequence[str]):
+    def __init__(self, class_names: Sequence[str], min_confidence: Optional[float] = None):
         self.class_names = list(class_names)
+        self.min_confidence = min_confidence  # below it the answer is "unknown" (inference.predictor's rule)
+        self.unknown = 0  # readable images answered "unknown", labelled or not
+        self.coverage = (0, 0, 0)  # over the labelled images: (count, answered, answered right)
         self.metrics = ClassificationMetrics(len(class_names))
         self.total = 0  # images classified, readable or not
         self.skipped = 0
@@ -95,11 +110,14 @@ class LiveMetrics:
         self.total += len(predictions)
         self.skipped += len(predictions) - len(readable)
         self.labelled += len(labelled)
+        self.unknown += sum(p.unknown for p in readable)
         if labelled:
             probs = torch.stack([p.probabilities for p in labelled])
             targets = torch.tensor([p.true_index for p in labelled])
             self.metrics.update(probs, targets)
             self.values = self.metrics.compute()
+            counts = coverage_counts(probs, targets, self.min_confidence)
+            self.coverage = tuple(total + new for total, new in zip(self.coverage, counts))
         self.elapsed = time.perf_counter() - self.started
 
     @property
@@ -129,16 +147,32 @@ class LiveMetrics:
                 text("recall", value=f"{self.values['recall']:.4f}"),
                 text("f1", value=f"{self.values['f1']:.4f}"),
             ]
+        if self.min_confidence is not None:
+            lines.append(self._unknown_line(text))
         lines.append(text("speed", value=self.images_per_second))
         return "\n".join(lines)
 
+    def coverage_summary(self) -> dict:
+        """infer.py's unknown, coverage and covered_accuracy over the labelled images so far."""
+        return coverage_report(self.min_confidence, *self.coverage)
+
+    def _unknown_line(self, text: Text) -> str:
+        readable = self.total - self.skipped
+        line = text("unknown_count", count=self.unknown, total=readable, threshold=f"{self.min_confidence:.2%}")
+        report = self.coverage_summary()
+        if report["coverage"] is not None:
+            accuracy = report["covered_accuracy"]
+            line += "\n" + text("coverage", coverage=f"{report['coverage']:.2%}",
+                                 accuracy="-" if accuracy is None else f"{accuracy:.2%}")
+        return line
+
 
 def export_records(folder: str, items: Sequence[ImagePrediction], class_names: Sequence[str], labelled: bool,
-                   log_lines: Sequence[str]) -> list[str]:
+                   log_lines: Sequence[str], min_confidence: Optional[float] = None) -> list[str]:
     """predictions.csv (infer.py's format, every image of the run) and the log into `folder`,
     never over existing files; returns the paths."""
     csv_path = unique_path(folder, PREDICTIONS_CSV)
-    write_csv(as_predictions(items, class_names, labelled), csv_path, TOP_K)
+    write_csv(as_predictions(items, class_names, labelled, min_confidence), csv_path, TOP_K)
     log_path = unique_path(folder, LOG_FILE)
     Path(log_path).write_text("\n".join(log_lines) + "\n", encoding="utf-8")
     return [csv_path, log_path]

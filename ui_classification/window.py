@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from PyQt5.QtCore import QLibraryInfo, Qt, QThread, QTimer, QTranslator, pyqtSignal
-from PyQt5.QtGui import QCloseEvent, QFont, QImage, QKeySequence, QPixmap, QResizeEvent
+from PyQt5.QtGui import QCloseEvent, QFont, QKeySequence
 from PyQt5.QtWidgets import (
     QAbstractItemView,
     QApplication,
@@ -38,6 +38,8 @@ from PyQt5.QtWidgets import (
     QWidget,
 )
 
+from ui_classification.heat_maps import HeatMapCache
+from ui_classification.image_view import ImageView
 from ui_classification.strings import Text
 from utils.files import IMAGE_EXTENSIONS, list_images, unique_path
 
@@ -81,41 +83,15 @@ class ViewerOptions:
     model: Optional[str] = None  # bare state_dict only: --model, --categories, --input_shape
     categories: Optional[list[str]] = None
     input_shape: Optional[list[int]] = None
-
-
-class ImageView(QLabel):
-    """A picture scaled to the available space, keeping its aspect ratio, re-fitted on resize."""
-
-    def __init__(self, placeholder: str):
-        super().__init__(placeholder)
-        self.source: Optional[QPixmap] = None
-        self.setAlignment(Qt.AlignCenter)
-        self.setWordWrap(True)
-        self.setMinimumSize(240, 180)
-        self.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Ignored)  # the picture must not grow the window
-        self.setStyleSheet("background-color: #202124; color: #e8eaed;")
-
-    def set_image(self, image: QImage) -> None:
-        self.source = QPixmap.fromImage(image)
-        self._refit()
-
-    def set_placeholder(self, text: str) -> None:
-        self.source = None
-        self.setPixmap(QPixmap())
-        self.setText(text)
-
-    def resizeEvent(self, event: QResizeEvent) -> None:
-        super().resizeEvent(event)
-        self._refit()
-
-    def _refit(self) -> None:
-        if self.source is not None:
-            self.setPixmap(self.source.scaled(self.size(), Qt.KeepAspectRatio, Qt.SmoothTransformation))
+    cam_method: str = "gradcam"  # the heat-map toggle's method and layer (inference.cam)
+    cam_layer: Optional[str] = None
+    min_confidence: Optional[str] = None  # "P" or "auto": below it the answer is "unknown", as in infer.py
 
 
 class ViewerWindow(QMainWindow):
     request_load = pyqtSignal(str, str)  # checkpoint, device -> worker
     request_run = pyqtSignal(object)  # RunJob -> worker
+    request_heat_map = pyqtSignal()  # -> worker: serve the pending heat map
 
     def __init__(self, options: ViewerOptions):
         super().__init__()
@@ -141,6 +117,8 @@ class ViewerWindow(QMainWindow):
         self.last_message: Optional[str] = None
         self.message_box: Optional[QMessageBox] = None
         self.closed = False
+        self.heat_maps = HeatMapCache()
+        self.last_heat_thread = 0  # the thread that drew the last heat map (the worker's, never this one)
         self._build_widgets()
         self._build_layout()
         self._start_worker()
@@ -177,6 +155,8 @@ class ViewerWindow(QMainWindow):
         self.pause_button = self._button("pause", self.toggle_pause)
         self.record_button = self._button("record", self.record)
         self.exit_button = self._button("exit", self.close)
+        self.heat_button = self._button("heat_map", self._on_heat_map_toggled, checkable=True)
+        self.heat_button.setToolTip(t("heat_map_tip"))
         self.interval_box = QDoubleSpinBox()
         self.interval_box.setRange(0.05, 3600.0)
         self.interval_box.setDecimals(2)
@@ -234,7 +214,7 @@ class ViewerWindow(QMainWindow):
         controls = QHBoxLayout()
         for widget in (self.checkpoint_button, self.images_button, self.save_button, self.run_button,
                        self.previous_button, self.next_button, self.autoplay_button, self.interval_box,
-                       self.pause_button, self.record_button, self.exit_button):
+                       self.pause_button, self.heat_button, self.record_button, self.exit_button):
             controls.addWidget(widget)
         paths = QVBoxLayout()
         paths.setSpacing(0)
@@ -293,7 +273,8 @@ class ViewerWindow(QMainWindow):
         from ui_classification.worker import InferenceWorker
 
         options = self.options
-        worker = InferenceWorker(self.text, model_name=options.model, class_names=parse_categories(options.categories),
+        worker = InferenceWorker(self.text, options.cam_method, options.cam_layer, options.min_confidence,
+                                 model_name=options.model, class_names=parse_categories(options.categories),
                                  input_shape=options.input_shape)
         worker.moveToThread(self.worker_thread)
         self.worker = worker  # lives in worker_thread: every connection below is queued
@@ -304,6 +285,8 @@ class ViewerWindow(QMainWindow):
         worker.batch_done.connect(self._on_batch)
         worker.run_finished.connect(self._on_run_finished)
         worker.run_failed.connect(self._on_run_failed)
+        self.request_heat_map.connect(worker.serve_heat_map)
+        worker.heat_map_ready.connect(self._on_heat_map)
         self.worker_thread.start()
         if self.loading_checkpoint:  # chosen (or given on the command line) while torch was loading
             self.request_load.emit(self.loading_checkpoint, self.options.device)
@@ -311,9 +294,12 @@ class ViewerWindow(QMainWindow):
     def _bind_keys(self) -> None:
         """Window-wide keys: they work whichever widget has the focus, except while typing in the
         interval box (it keeps the arrows and Space for editing; Enter hands them back)."""
+        view = self.image_view
         for key, slot in (("Right", self.show_next), ("Left", self.show_previous), ("Space", self.toggle_pause),
                           ("Home", self.show_first), ("End", self.show_last), ("R", self.toggle_run),
-                          ("Ctrl+S", self.record)):
+                          ("Ctrl+S", self.record), ("H", self.toggle_heat_map),
+                          ("+", view.zoom_in), ("=", view.zoom_in), ("-", view.zoom_out),  # = is + without Shift
+                          ("F", view.fit), ("0", view.fit)):
             shortcut = QShortcut(QKeySequence(key), self, slot)
             shortcut.setContext(Qt.WindowShortcut)
 
@@ -339,6 +325,9 @@ class ViewerWindow(QMainWindow):
         self.pause_button.setEnabled(self.running or self.autoplaying)
         self.pause_button.setText(self.text("resume" if self.paused else "pause"))
         self.record_button.setEnabled(bool(self.predictions))
+        self.heat_button.setEnabled(self.heat_map_problem() is None and bool(self.predictions))
+        waiting = self.heat_button.isChecked() and self.heat_maps.waiting_for is not None
+        self.heat_button.setText(self.text("heat_map_busy" if waiting else "heat_map"))
 
     def _refresh_labels(self) -> None:
         t = self.text
@@ -461,6 +450,15 @@ class ViewerWindow(QMainWindow):
         self.log(self.text("log_loaded", model=info.model_name, count=len(info.class_names), path=info.checkpoint,
                            device=info.device))
         self.set_title(self.options.title or self.default_title(info))
+        self.heat_maps.clear()  # drawn by the model before
+        if info.min_confidence is not None:
+            self.log(self.text("log_min_confidence", threshold=f"{info.min_confidence:.2%}"))
+        if info.min_confidence_problem:
+            self.show_message(self.text("err_min_confidence", message=info.min_confidence_problem))
+        problem = self.heat_map_problem()
+        self.heat_button.setToolTip(problem or self.text("heat_map_tip"))
+        if problem and self.heat_button.isChecked():
+            self.heat_button.setChecked(False)
         self._refresh_labels()
         self.update_controls()
 
@@ -489,10 +487,11 @@ class ViewerWindow(QMainWindow):
             return False
         self.clear_results()
         self.run_total, self.run_folder = len(paths), run_folder
-        self.live = LiveMetrics(self.model_info.class_names)
+        self.live = LiveMetrics(self.model_info.class_names, self.model_info.min_confidence)
         labels, why_not = folder_labels(self.image_dir, paths, self.model_info.class_names)  # infer.py's rule
         self.run_labelled = labels is not None
-        self.job = RunJob(paths, self.options.batch_size, run_folder, labels=labels)
+        self.job = RunJob(paths, self.options.batch_size, run_folder, labels=labels,
+                          min_confidence=self.model_info.min_confidence)
         if self.paused:  # a new run starts unpaused, autoplay included
             self.toggle_pause()
         self.progress.setRange(0, len(paths))
@@ -605,9 +604,6 @@ class ViewerWindow(QMainWindow):
 
     # ---- browsing
     def show_index(self, index: int) -> None:
-        from ui_classification.annotate import annotate, to_qimage  # loaded with the worker already
-        from utils.data import ImageReadError, read_rgb
-
         if not 0 <= index < len(self.predictions):
             return
         self.current = index
@@ -615,15 +611,81 @@ class ViewerWindow(QMainWindow):
         class_names = self.live.class_names  # the run's classes, even if another checkpoint was loaded since
         readable_total = self.run_total - self.live.skipped  # the whole run's, not just the images classified yet
         position = self.text("position", index=index + 1, total=readable_total, path=self._shown_path(item))
-        try:
-            self.image_view.set_image(to_qimage(annotate(read_rgb(item.path), item, class_names, self.text)))
-        except ImageReadError as error:  # deleted or changed since it was classified
-            self.image_view.set_placeholder(str(error))
+        self._draw(item)
         self.current_label.setText(self._describe(item, position))
         self.topk_label.setText(self._describe_topk(item))
         self._show_verdict(item.correct)
         self.log(self.text("log_shown", position=position, name=class_names[item.predicted_index],
                            probability=f"{item.probability:.1%}"))
+        self.update_controls()
+
+    def _draw(self, item: ImagePrediction) -> None:
+        """The picture of `item`: the image, or with the heat map on, the image with its heat map
+        (once the worker has drawn it; the plain image meanwhile)."""
+        from ui_classification.annotate import picture, to_qimage  # loaded with the worker already
+        from utils.data import ImageReadError, read_rgb
+
+        heat = self._heat_overlay(item) if self.heat_button.isChecked() else None
+        try:
+            array = heat if heat is not None else read_rgb(item.path)
+        except ImageReadError as error:  # deleted or changed since it was classified
+            self.image_view.set_placeholder(str(error))
+            return
+        shown = picture(array, item, self.live.class_names, self.text)
+        self.image_view.set_picture(to_qimage(shown.bar), to_qimage(shown.image), shown.pixel)
+
+    # ---- heat maps (inference.cam, drawn in the worker thread)
+    def heat_map_problem(self) -> Optional[str]:
+        """Why the heat-map toggle is off limits (its tooltip), or None when heat maps can be drawn."""
+        if self.model_info is None:
+            return self.text("heat_map_no_model")
+        if self.model_info.backend != "torch":
+            return self.text("heat_map_onnx")
+        if self.model_info.heat_map_problem:
+            return self.text("heat_map_unavailable", reason=self.model_info.heat_map_problem)
+        if self.live is not None and self.live.class_names != self.model_info.class_names:
+            return self.text("heat_map_other_model")
+        return None
+
+    def toggle_heat_map(self) -> None:
+        if self.heat_button.isEnabled():
+            self.heat_button.toggle()  # the toggled signal redraws
+
+    def _on_heat_map_toggled(self, on: bool) -> None:
+        if 0 <= self.current < len(self.predictions):
+            self._draw(self.predictions[self.current])
+        self.update_controls()
+
+    def _heat_key(self, item: ImagePrediction) -> tuple[str, str, int]:
+        return self.model_info.checkpoint, item.path, item.predicted_index
+
+    def _heat_overlay(self, item: ImagePrediction):
+        """The cached heat map of `item`, or None after asking the worker for it (never waits)."""
+        from ui_classification.worker import HeatMapRequest
+
+        if self.heat_map_problem() is not None:
+            return None
+        key = self._heat_key(item)
+        overlay = self.heat_maps.get(key)
+        if overlay is None and self.heat_maps.waiting_for != key:
+            self.heat_maps.waiting_for = key
+            self.worker.pending_heat_map.put(HeatMapRequest(item.path, item.predicted_index))
+            self.request_heat_map.emit()  # queued: served when the worker is free, or between two batches
+        return overlay
+
+    def _on_heat_map(self, heat) -> None:
+        key = (self.model_info.checkpoint if self.model_info else "", heat.request.path, heat.request.class_index)
+        if self.heat_maps.waiting_for == key:
+            self.heat_maps.waiting_for = None
+        if heat.error:
+            self.heat_button.setChecked(False)
+            self.show_message(self.text("err_heat_map", message=heat.error))
+            return
+        self.heat_maps.put(key, heat.overlay)
+        self.last_heat_thread = heat.thread_id
+        shown = self.predictions[self.current] if 0 <= self.current < len(self.predictions) else None
+        if shown is not None and self.heat_button.isChecked() and self._heat_key(shown) == key:
+            self._draw(shown)
         self.update_controls()
 
     def _shown_path(self, item: ImagePrediction) -> str:
@@ -633,7 +695,8 @@ class ViewerWindow(QMainWindow):
         t = self.text
         class_names = self.live.class_names
         truth = t("true_class", name=class_names[item.true_index]) if item.true_index is not None else t("no_true_class")
-        prediction = t("prediction", name=class_names[item.predicted_index], probability=f"{item.probability:.2%}")
+        key = "prediction_unknown" if item.unknown else "prediction"
+        prediction = t(key, name=class_names[item.predicted_index], probability=f"{item.probability:.2%}")
         return "\n".join([position, prediction, truth])
 
     def _describe_topk(self, item: ImagePrediction) -> str:
@@ -716,7 +779,8 @@ class ViewerWindow(QMainWindow):
             self.show_message(self.text("err_missing_save", path=folder))
             return []
         try:
-            files = export_records(folder, self.run_items, self.live.class_names, self.run_labelled, self.log_lines)
+            files = export_records(folder, self.run_items, self.live.class_names, self.run_labelled, self.log_lines,
+                                   self.live.min_confidence)
         except OSError as error:
             self.show_message(self.text("err_record_failed", path=folder, message=error.strerror or error))
             return []
