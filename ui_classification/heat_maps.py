@@ -2,7 +2,7 @@
 
 A heat map (inference.cam, Grad-CAM by default) is computed in the worker thread for the image
 on screen only, on demand; the window keeps the last HEAT_MAPS_KEPT, so stepping back and forth
-does not compute them again, and memory stays bounded (each is one image at the model's input size).
+does not compute them again, and memory stays bounded (each is one picture of the image, at most 2048 px a side).
 """
 
 from __future__ import annotations

@@ -50,8 +50,8 @@ class HeatMapRequest:
 
 @dataclass
 class HeatMap:
-    """The answer to a HeatMapRequest: the model's view of the image with the heat map blended on
-    (what infer.py --cam writes to cam/<name>.jpg), or why there is none."""
+    """The answer to a HeatMapRequest: the original image with the heat map blended on where the model
+    looked (what infer.py --cam writes to cam/<name>.jpg), or why there is none."""
 
     request: HeatMapRequest
     overlay: Optional[np.ndarray] = None  # RGB uint8: the original image (at most 2048 px a side)
