@@ -205,7 +205,7 @@ def run_infer_process(checkpoint: Path, folder: Path, save_dir: Path, batch_size
                               "--save_dir", str(save_dir), "--batch_size", str(batch_size))
     count, predicting = PREDICTED.search(out).groups()
     _, files, pictures = TIMES.search(out).groups()
-    decoding = out.split("images/s; ", 1)[1].split(")", 1)[0]
+    decoding = out.split("images/s; ", 1)[1].split(")", 1)[0].split(", ", 1)[1]  # after "batch N, "
     return {"wall": wall, "rate": int(count) / float(predicting), "predicting": float(predicting),
             "files": float(files), "pictures": float(pictures), "decoding": decoding}
 
