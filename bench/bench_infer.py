@@ -1,7 +1,7 @@
 """Folder inference speed: infer.py against a one-image-at-a-time loop, and against the model's ceiling.
 
     python bench/bench_infer.py            # whole processes, then the in-process and backend tables
-    python bench/bench_infer.py --quick    # smoke test: fewer images, one round (a few minutes on 2 busy cores)
+    python bench/bench_infer.py --quick    # smoke test: 128 + 32 images, one round (minutes on 2 busy cores)
     python bench/bench_infer.py --model resnet18 --images 200
 
 Whole processes (issue 18), first: infer.py as a user runs it (a subprocess, a labelled tree, so
@@ -147,7 +147,7 @@ def load_average() -> str:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = get_args_parser().parse_args(argv)
     if args.quick:
-        args.images, args.rounds, args.small_images, args.large_images = 64, 1, 200, 48
+        args.images, args.rounds, args.small_images, args.large_images = 64, 1, 128, 32
     print(f"CPU: {cpu_model()} ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads), torch "
           f"{torch.__version__}; load average at start {load_average()}\n")
     whole = bench_whole_processes(args)
