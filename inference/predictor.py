@@ -247,7 +247,7 @@ class Predictor:
             for number, batch in enumerate(batches):
                 started = time.perf_counter()
                 predicted = self._predicted(batch.images, [paths[i] for i in batch.indices], batch.errors)
-                if number == 0:
+                if number == 0 and len(dataset) > batch_size:  # a next batch exists: plan its decoding
                     decoder.threads = plan_threads(batch.decode_seconds, time.perf_counter() - started, cores)
                     self.decoding["decode_threads"] = decoder.threads
                 yield predicted
