@@ -104,6 +104,22 @@ def test_the_decoder_holds_a_bounded_number_of_batches_and_stops_with_the_loop()
     assert len(started) == count and count <= (5 + ahead) * batch
 
 
+def test_decode_threads_resize_on_one_torch_thread_and_the_model_keeps_its_own():
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    decoder = ThreadedDecoder(lambda i: (seen.append(torch.get_num_threads()) or torch.zeros(3, 1, 1, dtype=torch.uint8),
+                                         i, ""), 9, 3, threads=2)
+    for _ in decoder:
+        assert torch.get_num_threads() == before  # the forward pass runs here with all its threads
+    assert seen == [1] * 9
+    assert torch.get_num_threads() == before
+    started_later: list[int] = []
+    thread = threading.Thread(target=lambda: started_later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert started_later == [before]  # threads started afterwards get the process default back
+
+
 def test_every_image_once_whatever_the_thread_count_changes():
     decoder = ThreadedDecoder(lambda i: (torch.zeros(3, 1, 1, dtype=torch.uint8), i, ""), 23, 5, threads=1,
                               max_threads=4)
