@@ -59,7 +59,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     speed.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; default %(default)s")
     speed.add_argument("--batch_size", "--batch-size", type=int, default=64, help="images per forward pass; default %(default)s")
     speed.add_argument("--workers", type=int, default=None,
-                       help="DataLoader processes that decode images; default: by image count, cores and device")
+                       help="processes that decode images (DataLoader workers); default: 0 on the CPU, where threads of "
+                            "this process decode one batch ahead of the model, sized from the first batch's timing; "
+                            "on a GPU by image count and cores")
     speed.add_argument("--amp", action="store_true", help="mixed precision (fp16/bf16 on GPU; bf16 on CPUs that have it)")
     output = parser.add_argument_group("output")
     output.add_argument("--topk", "--top_k", "--top-k", type=int, default=5,
@@ -85,6 +87,8 @@ def check_args(args: argparse.Namespace) -> None:
         if value is not None and value < smallest:
             raise UsageError(f"--{flag} must be at least {smallest}, got {value}")
     check_output_dir(args.save_dir, "--save_dir")  # now, not after the model ran on every image
+    if not Path(args.weights).is_file():  # before torch loads (seconds): a typo fails at once
+        raise UsageError(f"checkpoint {args.weights} does not exist (--weights)")
     check_min_confidence(args.min_confidence)
 
 
@@ -109,21 +113,25 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f"warning: cannot list folder {folder} ({reason}): its images are not predicted", file=sys.stderr)
     heat = load_heat_maps(args, predictor) if args.cam else None  # a wrong --cam_layer fails before predicting
 
-    results, seconds, workers = predict(predictor, inputs, labels, args)
+    results, seconds = predict(predictor, inputs, labels, args)
     results.temperature, results.min_confidence = predictor.temperature, min_confidence
     if inputs.single and results.errors[0]:
         raise UsageError(results.errors[0])
+    started = time.perf_counter()
     metrics = results.metrics()  # None unless a labelled tree
     run_dir, cam_pictures = write_outputs(results, metrics, inputs, predictor, args, heat)
+    reported = time.perf_counter()
     if inputs.single:
         report_single(results, args.topk)
         draw_safely(save_single_picture, results, run_dir, args.show)
     else:
-        report_many(results, metrics, seconds, args.batch_size, workers)
+        report_many(results, metrics, seconds, args.batch_size, predictor.decoding)
         draw_safely(save_grids, results, run_dir, args.num_show, args.seed, args.show, cam_pictures)
     from inference.results import output_listing
 
     print(f"Results in {run_dir}:\n{output_listing(run_dir)}")
+    print(f"Time: predicting {seconds:.2f} s, metrics and files {reported - started:.2f} s, "
+          f"pictures {time.perf_counter() - reported:.2f} s")
     readable = int(results.readable.sum())
     if readable == 0:
         raise UsageError(f"none of the {len(results)} images could be read (listed in {run_dir / 'predictions.csv'})")
@@ -174,13 +182,13 @@ def describe_inputs(inputs: ImageInputs, labels: Optional[Labels]) -> str:
 
 
 def predict(predictor: Predictor, inputs: ImageInputs, labels: Optional[Labels],
-            args: argparse.Namespace) -> tuple[Predictions, float, int]:
-    """All images through the batched DataLoader path; returns (Predictions, seconds, workers)."""
+            args: argparse.Namespace) -> tuple[Predictions, float]:
+    """All images through Predictor.predict_paths in batches; returns (Predictions, seconds)."""
     from tqdm import tqdm
 
-    from inference.predictor import Predictions, inference_workers
+    from inference.predictor import Predictions, prediction_workers
 
-    workers = args.workers if args.workers is not None else inference_workers(len(inputs.paths), predictor.device)
+    workers = args.workers if args.workers is not None else prediction_workers(len(inputs.paths), predictor.device)
     workers = min(workers, len(inputs.paths))
     started = time.perf_counter()
     batches = predictor.predict_paths(inputs.paths, args.batch_size, workers)
@@ -188,7 +196,7 @@ def predict(predictor: Predictor, inputs: ImageInputs, labels: Optional[Labels],
     with tqdm(total=len(inputs.paths), desc="predicting", unit="img", disable=not show_bar) as bar:
         results = Predictions.collect(_counted(batches, bar), predictor.class_names,
                                       labels.indices if labels else None)
-    return results, time.perf_counter() - started, workers
+    return results, time.perf_counter() - started
 
 
 def _counted(batches: Iterable[PredictionBatch], bar: tqdm) -> Iterator[PredictionBatch]:
@@ -204,7 +212,6 @@ def write_outputs(results: Predictions, metrics: Optional[dict], inputs: ImageIn
     from inference.results import write_csv, write_json_report, write_misclassified, write_txt
     from utils.checkpoint import timestamp
     from utils.logger import new_run_dir
-    from utils.metrics import per_class_rows, plot_confusion_matrix, plot_curves, write_per_class_csv
 
     run_dir = new_run_dir(args.save_dir, predictor.model_name, subdirs=(), flag="--save_dir")
     cam = add_heat_maps(results, predictor, heat, run_dir, args.batch_size) if heat else None
@@ -217,6 +224,8 @@ def write_outputs(results: Predictions, metrics: Optional[dict], inputs: ImageIn
         run["cam"] = {key: cam[key] for key in ("method", "layer", "map_size")}
     write_json_report(results, run_dir / "predictions.json", args.topk, run, metrics)
     if metrics is not None:
+        from utils.metrics import per_class_rows, plot_confusion_matrix, plot_curves, write_per_class_csv
+
         write_per_class_csv(per_class_rows(metrics["confusion"], results.class_names), run_dir / "per_class.csv")
         title = Path(inputs.folder or ".").name
         plot_confusion_matrix(metrics["confusion"], results.class_names, run_dir / "confusion_matrix.png",
@@ -280,18 +289,19 @@ def report_single(results: Predictions, k: int) -> None:
         print(f"Top {len(pairs)}: " + ", ".join(f"{n} {p:.2%}" for n, p in pairs))
 
 
-def report_many(results: Predictions, metrics: Optional[dict], seconds: float, batch_size: int, workers: int) -> None:
-    from utils.metrics import format_metrics, format_per_class, per_class_rows
-
+def report_many(results: Predictions, metrics: Optional[dict], seconds: float, batch_size: int,
+                decoding: dict) -> None:
     rate = len(results) / seconds if seconds > 0 else float("inf")
-    print(f"Predicted {len(results)} images in {seconds:.2f} s ({rate:.1f} images/s; "
-          f"batch {batch_size}, {workers} worker{'' if workers == 1 else 's'})")
+    print(f"Predicted {len(results)} images in {seconds:.2f} s ({rate:.1f} images/s; batch {batch_size}, "
+          f"{describe_decoding(decoding)})")
     report_unreadable(results.unreadable())
     if metrics is None:
         counts = Counter(answer for answer in results.answers() if answer is not None)
         if counts:
             print("Images per predicted class: " + ", ".join(f"{name}: {count}" for name, count in counts.most_common()))
         return
+    from utils.metrics import format_metrics, format_per_class, per_class_rows
+
     print(f"Metrics over {metrics['count']} labelled images: {format_metrics(metrics)}  "
           f"ece_calibrated {metrics['ece_calibrated']:.4f} (temperature {results.temperature:.4g})")
     if results.min_confidence is not None:
@@ -301,6 +311,16 @@ def report_many(results: Predictions, metrics: Optional[dict], seconds: float, b
               + (f"{covered:.2%}" if covered is not None else "n/a"))
     print(format_per_class(per_class_rows(metrics["confusion"], results.class_names)))
     print(f"Misclassified: {len(results.mistakes())} of {metrics['count']}")
+
+
+def describe_decoding(decoding: dict) -> str:
+    """'2 decode threads, 2 torch threads' or '1 worker process, 1 torch thread'."""
+    def count(number: int, what: str) -> str:
+        return f"{number} {what}{'' if number == 1 else 's'}"
+
+    workers = decoding.get("workers", 0)
+    decoders = count(workers, "worker process") if workers else count(decoding.get("decode_threads", 0), "decode thread")
+    return f"{decoders}, {count(decoding.get('torch_threads', 0), 'torch thread')}"
 
 
 def report_unreadable(unreadable: list[tuple[str, str]]) -> None:

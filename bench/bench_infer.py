@@ -1,8 +1,20 @@
-"""Folder inference speed: infer.py's batched DataLoader path against a one-image-at-a-time loop.
+"""Folder inference speed: infer.py against a one-image-at-a-time loop, and against the model's ceiling.
 
-    python bench/bench_infer.py            # 300 JPEGs of 500x375, mobilenet_v3_small at 224
-    python bench/bench_infer.py --quick    # CI smoke test, well under a minute
+    python bench/bench_infer.py            # whole processes, then the in-process and backend tables
+    python bench/bench_infer.py --quick    # smoke test: 128 + 32 images, one round (minutes on 2 busy cores)
     python bench/bench_infer.py --model resnet18 --images 200
+
+Whole processes (issue 18), first: infer.py as a user runs it (a subprocess, a labelled tree, so
+it also writes the metrics, plots and pictures) against bench/per_image_loop.py (a subprocess:
+load once, then read, preprocess and forward one image at a time), on --small_images 64 px JPEGs
+(--small_model at 64 px) and --large_images 500x375 JPEGs (--model at --input_shape). Per round,
+the forward pass alone on already-normalised batches (same model, batch, layout, threads: the
+ceiling) is measured in this process right before and right after infer.py (the mean of the two). Reported: whole-process speed-up, infer.py's
+prediction phase (its "Predicted ... in" line) as a share of the ceiling, and the seconds infer.py
+spends on metrics and files and on pictures (its "Time:" line) against predicting. Goals: speed-up
+>= 2x on the small images, prediction >= 90% of the ceiling and files + pictures <= predicting on both.
+
+Then, in one process:
 
 Every row uses the same Predictor (model loaded once, eval, inference_mode, channels_last for
 CNNs) and the same reader and preprocessing, so the rows differ in batching, decoding workers
@@ -10,8 +22,10 @@ and threads only:
   per-image loop              for each path: read_rgb -> resize -> normalise -> forward a batch
                               of one, with torch's default threads (one per core): the baseline
   per-image loop, 1 thread    the same on one thread (full run only; see below)
-  batched, 0 workers          Predictor.predict_paths without DataLoader workers
-  batched, N workers          what infer.py runs: workers decode, the model gets the other cores
+  batched, 1 worker process   Predictor.predict_paths with a DataLoader worker (infer.py before
+                              issue 18: the model got the cores the worker left free)
+  batched, decode threads     what infer.py runs on the CPU: threads decode one batch ahead, the
+                              model keeps all its threads
 The checkpoint holds random weights (nothing is downloaded); speed does not depend on them.
 
 A second table compares backends on the same decoded, resized uint8 images (no file reading):
@@ -32,7 +46,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from inference.predictor import PathDataset, Predictions, Predictor, inference_workers  # noqa: E402
+from inference.predictor import PathDataset, Predictions, Predictor  # noqa: E402
 from models.registry import create_model  # noqa: E402
 from utils.checkpoint import CHECKPOINT_FORMAT, save_checkpoint  # noqa: E402
 from utils.data import read_rgb  # noqa: E402
@@ -51,7 +67,7 @@ from utils.transforms import Preprocess, normalize_batch  # noqa: E402
 from utils.visualize import save_rgb  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import cpu_model, interleaved, markdown_table, photo_like  # noqa: E402
+from benchlib import REPO, cpu_model, interleaved, markdown_table, photo_like  # noqa: E402
 
 CLASS_NAMES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 
@@ -64,16 +80,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_size", "--image-size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"))
     parser.add_argument("--input_shape", "--input-shape", type=int, default=224)
     parser.add_argument("--batch_size", "--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=None, help="default: what infer.py picks")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--small_images", "--small-images", type=int, default=900,
+                        help="64 px JPEGs for the whole-process rows; default %(default)s")
+    parser.add_argument("--small_model", "--small-model", default="resnet18", help="model at 64 px for them")
+    parser.add_argument("--large_images", "--large-images", type=int, default=150,
+                        help="500x375 JPEGs for the whole-process rows (--model at --input_shape); default %(default)s")
+    parser.add_argument("--skip_in_process", "--skip-in-process", action="store_true",
+                        help="whole-process rows only")
     return parser
 
 
-def make_photos(folder: Path, count: int, size: tuple[int, int], seed: int = 0) -> list[str]:
-    """Photo-like JPEGs (benchlib.photo_like, the generator bench_train uses), `size` = (W, H)."""
+def make_photos(folder: Path, count: int, size: tuple[int, int], seed: int = 0, labelled: bool = False) -> list[str]:
+    """Photo-like JPEGs (benchlib.photo_like, the generator bench_train uses), `size` = (W, H);
+    `labelled`: in class folders (CLASS_NAMES, round robin), so infer.py evaluates them."""
     rng = np.random.default_rng(seed)
     width, height = size
-    return [str(save_rgb(folder / f"photo_{i:04d}.jpg", photo_like(rng, height, width), quality=90))
+    for name in CLASS_NAMES if labelled else []:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    return [str(save_rgb(folder / (CLASS_NAMES[i % len(CLASS_NAMES)] if labelled else "") / f"photo_{i:04d}.jpg",
+                         photo_like(rng, height, width), quality=90))
             for i in range(count)]
 
 
@@ -121,8 +147,12 @@ def load_average() -> str:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = get_args_parser().parse_args(argv)
     if args.quick:
-        args.images, args.rounds = 64, 1
-    workers = inference_workers(args.images, torch.device("cpu")) if args.workers is None else args.workers
+        args.images, args.rounds, args.small_images, args.large_images = 64, 1, 128, 32
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads), torch "
+          f"{torch.__version__}; load average at start {load_average()}\n")
+    whole = bench_whole_processes(args)
+    if args.skip_in_process:
+        return whole
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as temp:
         folder = Path(temp)
         paths = make_photos(folder, args.images, tuple(args.image_size))
@@ -134,11 +164,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         variants = {"per-image loop (batch 1)": lambda: run_loop(predictor, loop_paths)}
         if not args.quick:  # a loop on one thread dodges OpenMP's waits on a busy CPU: shown for fairness
             variants["per-image loop (batch 1), 1 thread"] = lambda: run_loop_one_thread(predictor, loop_paths)
-        if workers:  # shows what batching alone gives, before parallel decoding
-            variants[f"batched, batch {args.batch_size}, 0 workers"] = \
-                lambda: run_batched(predictor, paths, args.batch_size, 0)
-        variants[f"batched, batch {args.batch_size}, {workers} worker{'' if workers == 1 else 's'} (infer.py)"] = \
-            lambda: run_batched(predictor, paths, args.batch_size, workers)
+        variants[f"batched, batch {args.batch_size}, 1 worker process (before)"] = \
+            lambda: run_batched(predictor, paths, args.batch_size, 1)
+        variants[f"batched, batch {args.batch_size}, decode threads (infer.py)"] = \
+            lambda: run_batched(predictor, paths, args.batch_size, 0)
         rates: dict[str, list[float]] = {name: [] for name in variants}
         names = list(variants)
         for round_index in range(args.rounds):
@@ -155,7 +184,112 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"\nBackends on decoded {args.input_shape}x{args.input_shape} uint8 images (no file reading), "
           f"median of {args.rounds} interleaved round(s); ceiling: torch forward only, batch 64, float input\n")
     print(backend_table)
-    return {**medians, **backend_rates}
+    return {**whole, **medians, **backend_rates}
+
+
+PREDICTED = re.compile(r"Predicted (\d+) images in ([\d.]+) s")
+TIMES = re.compile(r"Time: predicting ([\d.]+) s, metrics and files ([\d.]+) s, pictures ([\d.]+) s")
+
+
+def timed_process(*command: str) -> tuple[float, str]:
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=3600)
+    if result.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    return time.perf_counter() - started, result.stdout
+
+
+def run_infer_process(checkpoint: Path, folder: Path, save_dir: Path, batch_size: int) -> dict[str, float]:
+    """infer.py as a user runs it: wall seconds, and its own prediction / files / pictures seconds."""
+    wall, out = timed_process("infer.py", "--weights", str(checkpoint), "--image_path", str(folder),
+                              "--save_dir", str(save_dir), "--batch_size", str(batch_size))
+    count, predicting = PREDICTED.search(out).groups()
+    _, files, pictures = TIMES.search(out).groups()
+    decoding = out.split("images/s; ", 1)[1].split(")", 1)[0].split(", ", 1)[1]  # after "batch N, "
+    return {"wall": wall, "rate": int(count) / float(predicting), "predicting": float(predicting),
+            "files": float(files), "pictures": float(pictures), "decoding": decoding}
+
+
+def forward_ceiling(checkpoint: Path, paths: list[str], batch_size: int, batches: int) -> float:
+    """Images/s of the forward pass alone: the same model, batch, layout and threads as infer.py,
+    on images decoded and normalised beforehand."""
+    predictor = Predictor.from_checkpoint(str(checkpoint), device="cpu")
+    images = decoded_images(predictor, paths, batch_size)
+    normalised = normalize_batch(images, predictor.preprocess, channels_last=predictor.channels_last)
+    with torch.inference_mode():
+        predictor.model(normalised)  # warm-up: oneDNN picks its kernels
+        started = time.perf_counter()
+        for _ in range(batches):
+            predictor.model(normalised)
+    return batches * batch_size / (time.perf_counter() - started)
+
+
+def whole_process_round(case: dict, args: argparse.Namespace, save_dir: Path, loop_first: bool) -> dict[str, float]:
+    """One round: the loop (first or last, alternating between rounds) and infer.py between two
+    measurements of the ceiling."""
+    def loop() -> float:
+        return timed_process(str(REPO / "bench" / "per_image_loop.py"), str(case["checkpoint"]), str(case["folder"]))[0]
+
+    batches = max(2, min(8, len(case["paths"]) // args.batch_size))
+    loop_wall = loop() if loop_first else 0.0
+    before = forward_ceiling(case["checkpoint"], case["paths"], args.batch_size, batches)
+    infer = run_infer_process(case["checkpoint"], case["folder"], save_dir, args.batch_size)
+    after = forward_ceiling(case["checkpoint"], case["paths"], args.batch_size, batches)
+    loop_wall = loop_wall or loop()
+    # the ceiling right before and right after infer.py: load that drifts during the run hits both
+    return {**infer, "loop_wall": loop_wall, "ceiling": (before + after) / 2}
+
+
+def bench_whole_processes(args: argparse.Namespace) -> dict[str, float]:
+    """infer.py and the per-image loop as subprocesses, on small and on large JPEGs, rounds alternated."""
+    with tempfile.TemporaryDirectory(prefix="bench_infer_whole_") as temp:
+        root = Path(temp)
+        cases = {
+            f"{args.small_images} x 64x64 JPEG, {args.small_model} at 64 px":
+                (args.small_images, (64, 64), args.small_model, 64),
+            f"{args.large_images} x {args.image_size[0]}x{args.image_size[1]} JPEG, {args.model} at "
+            f"{args.input_shape} px": (args.large_images, tuple(args.image_size), args.model, args.input_shape),
+        }
+        prepared = {}
+        for index, (name, (count, size, model, side)) in enumerate(cases.items()):
+            folder = root / f"images_{index}"
+            paths = make_photos(folder, count, size, seed=index, labelled=True)
+            checkpoint = make_checkpoint(root / f"model_{index}.pth", model, side)
+            prepared[name] = {"folder": folder, "paths": paths, "checkpoint": checkpoint}
+        samples: dict[str, list[dict]] = {name: [] for name in prepared}
+        for round_index in range(args.rounds):
+            for name, case in prepared.items():
+                samples[name].append(whole_process_round(case, args, root / "results", round_index % 2 == 0))
+    return print_whole_processes(samples, args)
+
+
+def print_whole_processes(samples: dict[str, list[dict]], args: argparse.Namespace) -> dict[str, float]:
+    rows, goals, summary = [], [], {}
+    for index, (name, rounds) in enumerate(samples.items()):
+        def median(key: str, rounds: list[dict] = rounds) -> float:
+            return statistics.median(r[key] for r in rounds)
+        speedup = statistics.median(r["loop_wall"] / r["wall"] for r in rounds)
+        of_ceiling = statistics.median(r["rate"] / r["ceiling"] for r in rounds)
+        outputs = statistics.median((r["files"] + r["pictures"]) / r["predicting"] for r in rounds)
+        rows.append((name, f"{median('loop_wall'):.1f}", f"{median('wall'):.1f}", f"{speedup:.2f}x",
+                     f"{median('rate'):.1f}", f"{median('ceiling'):.1f}", f"{of_ceiling:.2f}",
+                     f"{median('predicting'):.2f}", f"{median('files'):.2f}", f"{median('pictures'):.2f}",
+                     f"{outputs:.2f}", rounds[-1]["decoding"]))
+        if index == 0:
+            goals.append(("whole process >= 2x the per-image loop", name, speedup, speedup >= 2))
+        goals.append(("prediction >= 90% of the forward ceiling", name, of_ceiling, of_ceiling >= 0.9))
+        goals.append(("metrics, files and pictures <= predicting", name, outputs, outputs <= 1))
+        summary.update({f"{name}: speed-up": speedup, f"{name}: of ceiling": of_ceiling, f"{name}: outputs": outputs})
+    print(f"Whole processes (infer.py on a labelled tree vs bench/per_image_loop.py), batch {args.batch_size}, "
+          f"median of {len(next(iter(samples.values())))} alternated round(s); load average now {load_average()}\n")
+    print(markdown_table(["images, model", "loop s", "infer.py s", "speed-up", "predicting img/s",
+                          "ceiling img/s", "of ceiling", "predicting s", "metrics+files s", "pictures s",
+                          "outputs / predicting", "infer.py decoding"], rows))
+    print()
+    for goal, name, value, met in goals:
+        print(f"Goal {goal} ({name}): {value:.2f} {'met' if met else 'MISSED'}")
+    print()
+    return summary
 
 
 def decoded_images(predictor: Predictor, paths: list[str], count: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ as training's evaluation (utils.checkpoint, utils.transforms, utils.data.read_rg
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from inference.decoding import ThreadedDecoder, plan_threads
 from inference.onnx_model import CUDA, OnnxModel, is_onnx_file
 from models.registry import check_model_name, create_model
 from utils.checkpoint import CHECKPOINT_FORMAT, checkpoint_temperature, load_checkpoint, load_model_weights
@@ -124,6 +126,7 @@ class Predictor:
         self.preprocess, self.device = preprocess, device
         self.transform = build_eval_transform(preprocess)
         self.checkpoint_info: dict = {}  # format, epoch, metrics, created: empty for a bare state_dict
+        self.decoding: dict = {}  # how the last predict_paths decoded: decode_threads, workers, torch_threads
 
     @property
     def model(self) -> Optional[nn.Module]:
@@ -221,17 +224,38 @@ class Predictor:
         return self.predict_batch(batch)
 
     def predict_paths(self, paths: Sequence[str], batch_size: int = 32, workers: int = 0) -> Iterator[PredictionBatch]:
-        """Batched prediction over files; decoding runs in `workers` DataLoader processes.
+        """Batched prediction over files, in order; an unreadable file gets a NaN row and its error.
 
-        On the CPU the forward pass gets the cores the workers leave free (see `_cpu_share`).
+        workers 0 (the default; infer.py's on the CPU): decoding runs in threads of this process,
+        one batch ahead of the model (inference.decoding), and the forward pass keeps all its
+        intra-op threads. workers > 0: DataLoader processes decode, and on the CPU the forward
+        pass gets the cores they leave free (`_cpu_share`). `self.decoding` says which ran.
         """
-        loader = create_dataloader(PathDataset(paths, self.preprocess), batch_size, False, workers, self.device)
-        with _cpu_share(self.device, workers):
-            for images, indices, errors in loader:
-                probs = self.predict_batch(images)
-                failed = torch.tensor([bool(e) for e in errors]).unsqueeze(1)
-                probs = torch.where(failed, float("nan"), probs)
-                yield PredictionBatch([paths[i] for i in indices.tolist()], probs, list(errors))
+        dataset = PathDataset(paths, self.preprocess)
+        if workers > 0:
+            with _cpu_share(self.device, workers):
+                self.decoding = {"decode_threads": 0, "workers": workers, "torch_threads": torch.get_num_threads()}
+                for images, indices, errors in create_dataloader(dataset, batch_size, False, workers, self.device):
+                    yield self._predicted(images, [paths[i] for i in indices.tolist()], list(errors))
+            return
+        # The first batch is decoded by one thread per core (the model has nothing to do yet); then
+        # plan_threads sizes the decoding from that batch's decode CPU time and forward time.
+        cores = available_cores()
+        decoder = ThreadedDecoder(dataset.__getitem__, len(dataset), batch_size, threads=cores, max_threads=cores)
+        self.decoding = {"decode_threads": cores, "workers": 0, "torch_threads": torch.get_num_threads()}
+        with contextlib.closing(iter(decoder)) as batches:
+            for number, batch in enumerate(batches):
+                started = time.perf_counter()
+                predicted = self._predicted(batch.images, [paths[i] for i in batch.indices], batch.errors)
+                if number == 0 and len(dataset) > batch_size:  # a next batch exists: plan its decoding
+                    decoder.threads = plan_threads(batch.decode_seconds, time.perf_counter() - started, cores)
+                    self.decoding["decode_threads"] = decoder.threads
+                yield predicted
+
+    def _predicted(self, images: torch.Tensor, paths: list[str], errors: list[str]) -> PredictionBatch:
+        probs = self.predict_batch(images)
+        failed = torch.tensor([bool(e) for e in errors]).unsqueeze(1)
+        return PredictionBatch(paths, torch.where(failed, float("nan"), probs), errors)
 
 
 CPU_WORKERS_FROM = 64  # images; below this a worker's start-up costs more than it saves
@@ -249,6 +273,12 @@ def inference_workers(num_images: int, device: torch.device) -> int:
     if num_images < CPU_WORKERS_FROM or cores < 2:
         return 0
     return max(1, cores // 4)
+
+
+def prediction_workers(num_images: int, device: torch.device) -> int:
+    """Decoding processes for infer.py: none on the CPU (threads of the predicting process decode,
+    see `Predictor.predict_paths`), on an accelerator as for training's evaluation."""
+    return 0 if device.type == "cpu" else default_workers(num_images)
 
 
 @contextlib.contextmanager
@@ -383,11 +413,11 @@ class Predictions:
     def metrics(self) -> Optional[dict]:
         """Split-wide metrics over the evaluated files with utils.metrics.ClassificationMetrics
         (the class training validates with, so the numbers agree); None without labels."""
-        from utils.metrics import ClassificationMetrics, calibration_error
-
         mask = self.evaluated()
         if not mask.any():
             return None
+        from utils.metrics import ClassificationMetrics, calibration_error  # torchmetrics: seconds to import
+
         scores = ClassificationMetrics(len(self.class_names))
         scores.update(self.probs[mask], self.labels[mask])  # type: ignore[index]
         result = scores.compute()

@@ -26,7 +26,6 @@ import torch
 
 from inference.predictor import UNKNOWN, Predictions
 from utils.logger import write_json
-from utils.metrics import per_class_rows
 
 TXT_RULE = "-" * 50
 UNREADABLE = "(unreadable)"
@@ -109,6 +108,8 @@ def metrics_report(results: Predictions, metrics: Optional[dict]) -> Optional[di
         return None
     confusion: torch.Tensor = metrics["confusion"]
     scores = {name: value for name, value in metrics.items() if name != "confusion"}
+    from utils.metrics import per_class_rows  # only with metrics: torchmetrics takes seconds to import
+
     return {**scores, "per_class": per_class_rows(confusion, results.class_names),
             "confusion_matrix": confusion.tolist()}
 

@@ -341,12 +341,17 @@ def test_flags_notes_and_labelled_tree_detection(weights, digits_root, tmp_path,
 
 
 @pytest.mark.slow
-def test_bench_quick_prints_the_table():
+def test_bench_quick_prints_the_tables():
     result = run_script("bench/bench_infer.py", "--quick", cwd=REPO)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "| path | images | images/s | ms/image | speed-up |" in lines
-    rows = [line for line in lines if line.startswith("| ") and "x |" in line]
+    assert lines[0].startswith("CPU: ")
+    whole = [line for line in lines if line.startswith("| ") and " JPEG, " in line]
+    assert len(whole) == 2 and all("decode thread" in line for line in whole)  # small and large images
+    goals = [line for line in lines if line.startswith("Goal ")]
+    assert len(goals) == 5 and all(line.endswith((" met", " MISSED")) for line in goals)
+    start = lines.index("| path | images | images/s | ms/image | speed-up |")
+    rows = [line for line in lines[start + 2:] if line.startswith("| ")][:3]
     assert rows[0].startswith("| per-image loop") and rows[0].endswith("| 1.00x |")
     assert "(infer.py)" in rows[-1] and float(rows[-1].split("|")[3]) > 0
 

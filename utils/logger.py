@@ -20,8 +20,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-from matplotlib.figure import Figure
-
 from utils.errors import UsageError
 from utils.files import check_output_dir
 
@@ -189,6 +187,8 @@ class History:
         """loss.png, accuracy.png and lr.png from the rows so far."""
         if not self.rows or self.path is None:
             return
+        from matplotlib.figure import Figure  # only when plotting: infer.py writes files without it
+
         epochs = self.column("epoch")
         for file_name, title, series in (
             ("loss.png", "Loss", [("train", "train_loss"), ("val", "val_loss")]),

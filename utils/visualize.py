@@ -180,7 +180,16 @@ def _font(size: int, cjk: bool) -> ImageFont.FreeTypeFont:
 
 
 def _dejavu_path() -> str:
-    import matplotlib
+    """The font file inside matplotlib's package folder, found without importing matplotlib (a
+    second of start-up that infer.py's pictures would otherwise pay)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("matplotlib")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, "mpl-data", "fonts", "ttf", "DejaVuSans.ttf")
+        if os.path.isfile(path):
+            return path
+    import matplotlib  # an unusual install: ask matplotlib itself
 
     return os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
 

@@ -1,0 +1,148 @@
+"""Prediction with decoding in threads (inference.decoding, Predictor.predict_paths): the same
+answers in the same order as one image at a time, unreadable files anywhere in a batch, bounded
+memory, threads that end with the loop, and infer.py failing fast before torch loads.
+
+A tiny random resnet18 at 32 px (nothing downloaded, nothing trained): the tests compare paths
+through the code, not accuracy.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, run_script, write_image
+
+from inference.decoding import ThreadedDecoder, plan_threads
+from inference.predictor import Predictions, Predictor
+from models.registry import create_model
+from utils.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+from utils.data import read_rgb
+from utils.transforms import Preprocess
+
+CLASSES = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory) -> Predictor:
+    torch.manual_seed(0)
+    model = create_model("resnet18", len(CLASSES), (32, 32))
+    path = tmp_path_factory.mktemp("ckpt") / "random.pth"
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "model": "resnet18", "class_names": CLASSES,
+                     "state_dict": model.state_dict(), "epoch": 0,
+                     "preprocess": Preprocess(input_size=[32, 32]).to_dict()}, path)
+    return Predictor.from_checkpoint(str(path), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> list[str]:
+    """11 images of assorted sizes, with a corrupt and an empty file in the middle of the second batch of 4."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(11):
+        if i == 5:
+            (root / "05_broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+            paths.append(str(root / "05_broken.jpg"))
+        elif i == 6:
+            (root / "06_empty.png").write_bytes(b"")
+            paths.append(str(root / "06_empty.png"))
+        else:
+            size = (int(rng.integers(20, 90)), int(rng.integers(20, 90)), 3)
+            paths.append(str(write_image(root / f"{i:02d}.png", rng.integers(0, 256, size, dtype=np.uint8))))
+    return paths
+
+
+def test_threads_give_the_answers_of_one_image_at_a_time_in_order(predictor, folder):
+    results = Predictions.collect(predictor.predict_paths(folder, batch_size=4, workers=0), CLASSES)
+    assert predictor.decoding["workers"] == 0 and predictor.decoding["decode_threads"] >= 1
+    assert results.paths == folder
+    unreadable = [i for i, error in enumerate(results.errors) if error]
+    assert unreadable == [5, 6]
+    assert "05_broken.jpg" in results.errors[5] and "empty file" in results.errors[6]
+    assert torch.isnan(results.probs[unreadable]).all()
+    for i, path in enumerate(folder):
+        if i not in unreadable:
+            (one,) = predictor.predict_arrays([read_rgb(path)])  # a batch of one, read by hand
+            torch.testing.assert_close(results.probs[i], one, atol=1e-5, rtol=0)
+
+
+def test_threads_and_worker_processes_agree(predictor, folder):
+    threaded = torch.cat([b.probs for b in predictor.predict_paths(folder, batch_size=3, workers=0)])
+    processes = Predictions.collect(predictor.predict_paths(folder, batch_size=3, workers=1), CLASSES)
+    assert predictor.decoding["workers"] == 1
+    torch.testing.assert_close(threaded, processes.probs, atol=1e-5, rtol=0, equal_nan=True)
+    assert processes.paths == folder
+
+
+def test_the_decoder_holds_a_bounded_number_of_batches_and_stops_with_the_loop():
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def decode(index: int) -> tuple[torch.Tensor, int, str]:
+        with lock:
+            started.append(index)
+        return torch.full((3, 2, 2), index % 256, dtype=torch.uint8), index, "" if index % 7 else f"bad {index}"
+
+    batch, ahead = 4, 1
+    decoder = ThreadedDecoder(decode, 100, batch, threads=3, ahead=ahead)
+    batches = iter(decoder)
+    for handed in range(1, 6):
+        got = next(batches)
+        assert got.indices == list(range((handed - 1) * batch, handed * batch))  # in order
+        assert got.images[:, 0, 0, 0].tolist() == got.indices
+        assert got.errors == ["" if i % 7 else f"bad {i}" for i in got.indices]
+        # only the batches handed out and `ahead` more were ever given to the threads
+        assert max(started) < (handed + ahead) * batch
+    assert decoder.most_pending <= ahead + 1
+    batches.close()  # the consumer stops early (the viewer's Stop)
+    count = len(started)
+    assert not [t for t in threading.enumerate() if t.name.startswith("decode")]
+    assert len(started) == count and count <= (5 + ahead) * batch
+
+
+def test_decode_threads_resize_on_one_torch_thread_and_the_model_keeps_its_own():
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    decoder = ThreadedDecoder(lambda i: (seen.append(torch.get_num_threads()) or torch.zeros(3, 1, 1, dtype=torch.uint8),
+                                         i, ""), 9, 3, threads=2)
+    for _ in decoder:
+        assert torch.get_num_threads() == before  # the forward pass runs here with all its threads
+    assert seen == [1] * 9
+    assert torch.get_num_threads() == before
+    started_later: list[int] = []
+    thread = threading.Thread(target=lambda: started_later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert started_later == [before]  # threads started afterwards get the process default back
+
+
+def test_every_image_once_whatever_the_thread_count_changes():
+    decoder = ThreadedDecoder(lambda i: (torch.zeros(3, 1, 1, dtype=torch.uint8), i, ""), 23, 5, threads=1,
+                              max_threads=4)
+    seen = []
+    for number, batch in enumerate(decoder):
+        decoder.threads = [4, 2, 1, 3, 4][number]
+        seen += batch.indices
+    assert seen == list(range(23))
+
+
+def test_plan_threads():
+    assert plan_threads(decode_seconds=0.01, forward_seconds=1.0, cores=8) == 1  # cheap decoding: one thread
+    assert plan_threads(decode_seconds=2.5, forward_seconds=1.0, cores=8) == 3  # keeps up with the model
+    assert plan_threads(decode_seconds=50.0, forward_seconds=1.0, cores=2) == 2  # never more than the cores
+    assert plan_threads(decode_seconds=1.0, forward_seconds=0.0, cores=2) == 2
+
+
+def test_missing_weights_fail_before_torch_is_imported(tmp_path):
+    image = write_image(tmp_path / "x.png", np.zeros((8, 8, 3), dtype=np.uint8))
+    result = run_script("-X", "importtime", str(REPO / "infer.py"), "--weights", str(tmp_path / "missing.pth"),
+                        "--image_path", str(image), "--save_dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert f"error: checkpoint {tmp_path / 'missing.pth'} does not exist (--weights)" in result.stderr
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert imported and not imported & {"torch", "numpy", "cv2", "matplotlib", "torchmetrics", "onnxruntime"}
+    assert not Path(tmp_path / "out").exists()
