@@ -3,7 +3,8 @@
 One labelling rule and one file format with infer.py: an image's true class comes from
 inference.inputs.find_labels (the chosen folder laid out as <class>/<images>, every first-level
 folder a class of the checkpoint), and Record writes predictions.csv with infer.py's own writer
-(inference.results.write_csv). The metrics are utils.metrics.ClassificationMetrics, the code
+(inference.results.write_csv), and predictions.json with its metrics with infer.py's
+write_json_report. The metrics are utils.metrics.ClassificationMetrics, the code
 training and infer.py use.
 """
 
@@ -19,12 +20,15 @@ import torch
 
 from inference.inputs import ImageInputs, find_labels
 from inference.predictor import PredictionBatch, Predictions, topk
-from inference.results import write_csv
+from inference.results import write_csv, write_json_report
 from ui_classification.strings import Text
+from utils.checkpoint import timestamp
 from utils.files import unique_path
-from utils.metrics import ClassificationMetrics, per_class_rows
+from utils.metrics import ClassificationMetrics, per_class_rows, write_per_class_csv
 
 PREDICTIONS_CSV = "predictions.csv"
+PREDICTIONS_JSON = "predictions.json"
+PER_CLASS_CSV = "per_class.csv"
 LOG_FILE = "viewer_log.txt"
 TOP_K = 5
 
@@ -133,12 +137,29 @@ class LiveMetrics:
         return "\n".join(lines)
 
 
+def run_description(checkpoint: str, model: str, device: str, temperature: float, folder: Optional[str]) -> dict:
+    """The head of predictions.json, with infer.py's keys (its `run` in write_outputs)."""
+    return {"checkpoint": checkpoint, "model": model, "inputs": [folder] if folder else [], "device": device,
+            "created": timestamp(), "topk": TOP_K, "temperature": temperature, "min_confidence": None}
+
+
 def export_records(folder: str, items: Sequence[ImagePrediction], class_names: Sequence[str], labelled: bool,
-                   log_lines: Sequence[str]) -> list[str]:
-    """predictions.csv (infer.py's format, every image of the run) and the log into `folder`,
-    never over existing files; returns the paths."""
+                   log_lines: Sequence[str], run: Optional[dict] = None) -> list[str]:
+    """infer.py's predictions.csv and predictions.json (every image of the run so far; the JSON holds
+    the metrics, computed by Predictions.metrics as infer.py computes them), per_class.csv for a
+    labelled folder, and the log, into `folder`, never over existing files; returns the paths."""
+    run = run or run_description("", "", "", 1.0, None)
+    results = as_predictions(items, class_names, labelled)
+    results.temperature = run["temperature"]  # ece is reported for the uncalibrated probabilities, as infer.py does
+    metrics = results.metrics()  # None unless some image has a true class
     csv_path = unique_path(folder, PREDICTIONS_CSV)
-    write_csv(as_predictions(items, class_names, labelled), csv_path, TOP_K)
+    write_csv(results, csv_path, TOP_K)
+    json_path = unique_path(folder, PREDICTIONS_JSON)
+    write_json_report(results, json_path, TOP_K, run, metrics)
+    files = [csv_path, json_path]
+    if metrics is not None:
+        files.append(unique_path(folder, PER_CLASS_CSV))
+        write_per_class_csv(per_class_rows(metrics["confusion"], results.class_names), files[-1])
     log_path = unique_path(folder, LOG_FILE)
     Path(log_path).write_text("\n".join(log_lines) + "\n", encoding="utf-8")
-    return [csv_path, log_path]
+    return [*files, log_path]

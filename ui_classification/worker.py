@@ -32,6 +32,7 @@ class ModelInfo:
     model_name: str
     class_names: list[str]
     device: str
+    temperature: float = 1.0  # Predictor.temperature: what predictions.json reports with the metrics
 
 
 def _running_event() -> threading.Event:
@@ -92,7 +93,8 @@ class InferenceWorker(QObject):
             self.load_failed.emit(path, f"{type(error).__name__}: {error}")
             return
         self.predictor = predictor  # replaced only once the new one loaded: a bad file keeps the old model
-        self.loaded.emit(ModelInfo(path, predictor.model_name, predictor.class_names, str(predictor.device)))
+        self.loaded.emit(ModelInfo(path, predictor.model_name, predictor.class_names, str(predictor.device),
+                                   predictor.temperature))
 
     @pyqtSlot(object)
     def run(self, job: RunJob) -> None:
