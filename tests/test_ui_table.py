@@ -80,6 +80,7 @@ def test_filters_sorting_row_and_confusion_clicks(qtbot, open_window, test_dir):
     assert Path(chosen.path).name in window.current_label.text()
     press(qtbot, window, Qt.Key_Right)
     assert window.current == items.index(chosen) + 1
+    assert panel.visible_items()[panel.table.currentIndex().row()] is items[window.current]  # the table follows
 
     # a confusion-matrix cell lists exactly its images; Clear filter brings every row back
     confusion = window.live.values["confusion"]

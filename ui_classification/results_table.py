@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 from PyQt5.QtCore import (
     QAbstractTableModel,
@@ -57,6 +57,24 @@ COLUMNS = ("column_thumbnail", "column_file", "column_prediction", "column_confi
 THUMBNAIL, FILE, PREDICTION, CONFIDENCE, TRUE_CLASS, CORRECT = range(len(COLUMNS))
 SORT_ROLE = Qt.UserRole  # numbers for the numeric columns, so 9.5% sorts below 10.2%
 GREEN, RED = QColor("#1e8e3e"), QColor("#d93025")
+
+
+class Row(NamedTuple):
+    """What the table reads of an ImagePrediction, as plain Python values made once per image: sorting
+    and filtering 5,000 rows then costs no tensor operation."""
+
+    path: str
+    error: str
+    true_index: Optional[int]
+    predicted_index: int
+    probability: float
+    correct: Optional[bool]
+
+    @classmethod
+    def of(cls, item: ImagePrediction) -> Row:
+        if item.error:
+            return cls(item.path, item.error, item.true_index, -1, -1.0, None)
+        return cls(item.path, "", item.true_index, item.predicted_index, item.probability, item.correct)
 
 
 def make_thumbnail(path: str, side: int) -> QImage:
@@ -134,14 +152,16 @@ class ResultsModel(QAbstractTableModel):
         self.thumbnails = thumbnails
         thumbnails.ready.connect(self._thumbnail_ready)
         self.items: list[ImagePrediction] = []
+        self.rows: list[Row] = []  # the same images, as the table reads them
         self.shown_index: list[int] = []  # per row: its index among the readable images, -1 if unreadable
+        self.readable_rows: list[int] = []  # the other way round: the row of each readable image
         self.rows_of: dict[str, list[int]] = {}
         self.class_names: list[str] = []
         self.root: Optional[str] = None
 
     def start(self, root: Optional[str], class_names: Sequence[str]) -> None:
         self.beginResetModel()
-        self.items, self.shown_index, self.rows_of = [], [], {}
+        self.items, self.rows, self.shown_index, self.readable_rows, self.rows_of = [], [], [], [], {}
         self.root, self.class_names = root, list(class_names)
         self.thumbnails.clear()
         self.endResetModel()
@@ -150,12 +170,13 @@ class ResultsModel(QAbstractTableModel):
         if not items:
             return
         first = len(self.items)
-        readable = sum(index >= 0 for index in self.shown_index)
         self.beginInsertRows(QModelIndex(), first, first + len(items) - 1)
         for row, item in enumerate(items, start=first):
             self.items.append(item)
-            self.shown_index.append(-1 if item.error else readable)
-            readable += not item.error
+            self.rows.append(Row.of(item))
+            self.shown_index.append(-1 if item.error else len(self.readable_rows))
+            if not item.error:
+                self.readable_rows.append(row)
             self.rows_of.setdefault(item.path, []).append(row)
         self.endInsertRows()
 
@@ -171,7 +192,7 @@ class ResultsModel(QAbstractTableModel):
         return None
 
     def data(self, index: QModelIndex, role: int = Qt.DisplayRole):
-        item, column = self.items[index.row()], index.column()
+        item, column = self.rows[index.row()], index.column()
         if role == Qt.DisplayRole:
             return self._display(item, column)
         if role == SORT_ROLE:
@@ -186,7 +207,7 @@ class ResultsModel(QAbstractTableModel):
             return int(Qt.AlignRight | Qt.AlignVCenter)
         return None
 
-    def _display(self, item: ImagePrediction, column: int) -> Optional[str]:
+    def _display(self, item: Row, column: int) -> Optional[str]:
         if column == FILE:
             return os.path.relpath(item.path, self.root) if self.root else item.path
         if column == TRUE_CLASS:
@@ -201,7 +222,7 @@ class ResultsModel(QAbstractTableModel):
             return "" if item.correct is None else "✓" if item.correct else "✗"
         return None
 
-    def _sort_key(self, item: ImagePrediction, row: int, column: int):
+    def _sort_key(self, item: Row, row: int, column: int):
         if column == CONFIDENCE:
             return -1.0 if item.error else item.probability
         if column == CORRECT:
@@ -236,9 +257,9 @@ class ResultsFilter(QSortFilterProxyModel):
         self.invalidateFilter()
 
     def filterAcceptsRow(self, source_row: int, source_parent: QModelIndex) -> bool:
-        return self.accepts(self.sourceModel().items[source_row])
+        return self.accepts(self.sourceModel().rows[source_row])
 
-    def accepts(self, item: ImagePrediction) -> bool:
+    def accepts(self, item: Row) -> bool:
         if self.unreadable_only and not item.error:
             return False
         if item.error:  # an unreadable image has no prediction: only the unreadable filter shows it with others
@@ -269,6 +290,7 @@ class ResultsPanel(QWidget):
         self.proxy.setSourceModel(self.model)
         self._build_filters()
         self.table = self._build_table()
+        self._following = False  # set while follow() moves the selection: that is no choice of the user
         self.count_label = QLabel()
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -395,15 +417,26 @@ class ResultsPanel(QWidget):
 
     # ---- choosing a row
     def _on_current_row(self, current: QModelIndex, _previous: QModelIndex) -> None:
-        if not current.isValid():
+        if not current.isValid() or self._following:
             return
         shown = self.model.shown_index[self.proxy.mapToSource(current).row()]
         if shown >= 0:
             self.image_chosen.emit(shown)
 
-    def choose_row(self, row: int) -> None:
-        """Select row `row` of the filtered, sorted table, as a click does."""
-        self.table.selectRow(row)
+    def follow(self, shown: int) -> None:
+        """Select and scroll to the row of readable image `shown` (the viewer moved to it with a key,
+        autoplay or the first batch), when the filters let it through."""
+        if not 0 <= shown < len(self.model.readable_rows):
+            return
+        index = self.proxy.mapFromSource(self.model.index(self.model.readable_rows[shown], FILE))
+        if not index.isValid():
+            return
+        self._following = True
+        try:
+            self.table.setCurrentIndex(index)
+            self.table.scrollTo(index)
+        finally:
+            self._following = False
 
     def visible_items(self) -> list[ImagePrediction]:
         """The rows as the table shows them: filtered and sorted."""

@@ -665,6 +665,7 @@ class ViewerWindow(QMainWindow):
         self.current_label.setText(self._describe(item, position))
         self.topk_label.setText(self._describe_topk(item))
         self._show_verdict(item.correct)
+        self.results_panel.follow(index)
         self.log(self.text("log_shown", position=position, name=class_names[item.predicted_index],
                            probability=f"{item.probability:.1%}"))
         self.update_controls()
