@@ -89,7 +89,7 @@ class LiveMetrics:
         self.total = 0  # images classified, readable or not
         self.skipped = 0
         self.labelled = 0
-        self.values: Optional[dict] = None  # ClassificationMetrics.compute() over the labelled images
+        self.values: Optional[dict] = None  # ClassificationMetrics.compute() over the labelled images, auroc/ece aside
         self.started = time.perf_counter()
         self.elapsed = 0.0
 
@@ -103,7 +103,7 @@ class LiveMetrics:
             probs = torch.stack([p.probabilities for p in labelled])
             targets = torch.tensor([p.true_index for p in labelled])
             self.metrics.update(probs, targets)
-            self.values = self.metrics.compute()
+            self.values = self.metrics.compute(ranking=False)  # per batch in the GUI thread: no pass over every image
         self.elapsed = time.perf_counter() - self.started
 
     @property
