@@ -43,8 +43,15 @@ def read_csv(path: Path) -> tuple[list[str], list[dict]]:
 
 def test_filters_sorting_row_and_confusion_clicks(qtbot, open_window, test_dir):  # noqa: F811
     window = open_window(image_dir=str(test_dir), batch_size=16)
+    panel = window.results_panel
+    inserted, rows_at_reset = [], []
+    panel.model.rowsInserted.connect(lambda parent, first, last: inserted.append(last - first + 1))
+    panel.model.modelAboutToBeReset.connect(lambda: rows_at_reset.append(panel.model.rowCount()))
     run_to_end(qtbot, window)
-    panel, items = window.results_panel, window.predictions
+    items = window.predictions
+    # rows arrive batch by batch, appended (a reset only empties the table for the run, never drops rows)
+    assert inserted == [16] * (len(items) // 16) + ([len(items) % 16] if len(items) % 16 else [])
+    assert set(rows_at_reset) == {0}
     names = window.live.class_names
     assert panel.model.rowCount() == panel.proxy.rowCount() == len(window.run_items) == len(items)
     assert [item.path for item in panel.visible_items()] == [item.path for item in items]  # the run's order
