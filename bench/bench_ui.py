@@ -3,10 +3,12 @@
 A 10 ms QTimer in the GUI thread records how late each tick comes; a late tick is a frozen window.
 Three rows, measured in the same process:
     idle          the open window doing nothing (baseline: what the timer itself jitters)
-    worker run    Run over the folder, classification in the viewer's QThread worker
+    worker run    Run over the folder, classification in the viewer's QThread worker; the results
+                  table fills batch by batch, sorted by confidence (its costliest state), with
+                  its thumbnails made as rows are drawn
     GUI thread    the same Predictor over the same folder, called in the GUI thread (a naive viewer)
 
-    QT_QPA_PLATFORM=offscreen python bench/bench_ui.py --weights logs/<run>/best.pth --copies 10
+    QT_QPA_PLATFORM=offscreen python bench/bench_ui.py --weights logs/<run>/best.pth --images 5000
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from PyQt5.QtCore import QElapsedTimer, QTimer  # noqa: E402
+from benchlib import machine_description  # noqa: E402
+from PyQt5.QtCore import QElapsedTimer, QEventLoop, Qt, QTimer  # noqa: E402
 from PyQt5.QtWidgets import QApplication  # noqa: E402
 
+from ui_classification.results_table import CONFIDENCE  # noqa: E402
 from ui_classification.window import ViewerOptions, ViewerWindow  # noqa: E402
 from utils.demo import make_digits_dataset  # noqa: E402
 from utils.files import list_images  # noqa: E402
@@ -56,35 +60,45 @@ class StallMeter:
 
 
 def spin(app: QApplication, condition, timeout_s: float) -> None:
-    deadline = time.perf_counter() + timeout_s
-    while not condition() and time.perf_counter() < deadline:
-        app.processEvents()
-        time.sleep(0.001)
+    """Run the event loop until `condition()` (checked every 20 ms) or the timeout. The GUI thread
+    sleeps between events as in the real app; a processEvents() polling loop would instead fight the
+    worker for the GIL and slow the run down (several times over on a loaded machine)."""
+    if condition():
+        return
+    loop = QEventLoop()
+    check = QTimer()
+    check.setInterval(20)
+    check.timeout.connect(lambda: condition() and loop.quit())
+    check.start()
+    QTimer.singleShot(int(timeout_s * 1000), loop.quit)
+    loop.exec_()
+    check.stop()
 
 
-def build_folder(root: Path, copies: int) -> Path:
-    """`copies` copies of the digits test split (270 real images each), in class folders."""
-    digits = make_digits_dataset(root / "digits") / "test"
+def build_folder(root: Path, count: int) -> Path:
+    """`count` real images: copies of the digits test split (270 images) in class folders."""
+    digits = list_images(make_digits_dataset(root / "digits") / "test")
     folder = root / "many"
-    for k in range(copies):
-        for path in list_images(digits):
-            target = folder / Path(path).parent.name / f"{k}_{Path(path).name}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, target)
+    for k in range(count):
+        path = Path(digits[k % len(digits)])
+        target = folder / path.parent.name / f"{k // len(digits)}_{path.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
     return folder
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True)
-    parser.add_argument("--copies", type=int, default=10, help="copies of the 270 digits test images")
+    parser.add_argument("--images", type=int, default=5000, help="images in the run (copies of the 270 digits test images)")
+    parser.add_argument("--copies", type=int, default=None, help="instead of --images: copies of the 270 digits test images")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     app = QApplication(sys.argv[:1])
     with tempfile.TemporaryDirectory() as temp:
-        folder = build_folder(Path(temp), args.copies)
+        folder = build_folder(Path(temp), args.copies * 270 if args.copies else args.images)
         count = len(list_images(folder))
         window = ViewerWindow(ViewerOptions(weights=args.weights, image_dir=str(folder), device=args.device,
                                             batch_size=args.batch_size))
@@ -97,11 +111,15 @@ def main() -> None:
         spin(app, lambda: time.perf_counter() - started > 3, 3)
         rows.append(("idle (baseline)", 0, time.perf_counter() - started, meter.stop()))
 
+        table = window.results_panel.table
+        table.sortByColumn(CONFIDENCE, Qt.AscendingOrder)  # rows land in sorted places as batches arrive
         meter.start()
         started = time.perf_counter()
         window.start_run()
         spin(app, lambda: not window.running, 3600)
         rows.append(("worker run", count, time.perf_counter() - started, meter.stop()))
+        table_rows = window.results_panel.proxy.rowCount()
+        thumbnails = len(window.results_panel.thumbnails.cache)
 
         predictor = window.worker.predictor  # only for the naive row; the viewer never does this
         paths = list_images(folder)
@@ -120,7 +138,9 @@ def main() -> None:
         rows.append(("GUI thread (naive)", count, finished[0] - started, meter.stop()))
         window.shutdown()
 
+    print(machine_description())
     print(f"{count} images, batch {args.batch_size}, device {args.device}, timer every {TICK_MS} ms")
+    print(f"results table after the run: {table_rows} rows (sorted by confidence), {thumbnails} thumbnails made")
     print(f"{'mode':<20} {'images':>7} {'seconds':>8} {'max stall ms':>13} {'p99 stall ms':>13}")
     for name, images, seconds, stall in rows:
         print(f"{name:<20} {images:>7} {seconds:>8.1f} {stall['max']:>13.0f} {stall['p99']:>13.0f}")

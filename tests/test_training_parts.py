@@ -90,6 +90,10 @@ def test_metrics_equal_a_hand_computation_over_the_whole_split():
     rows = per_class_rows(result["confusion"], ["a", "b", "c"])
     assert [r["support"] for r in rows] == [1, 1, 2] and [r["f1"] for r in rows] == pytest.approx(f1)
     assert "top5" not in result
+    counts_only = metrics.compute(ranking=False)  # the viewer's per-batch refresh: no pass over every image
+    assert "auroc" in result and "ece" in result and "auroc" not in counts_only and "ece" not in counts_only
+    assert {k: v for k, v in counts_only.items() if k != "confusion"} == \
+        {k: v for k, v in result.items() if k not in ("confusion", "auroc", "ece")}
 
 
 def test_top5_appears_above_five_classes_and_binary_works():

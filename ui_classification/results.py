@@ -3,7 +3,8 @@
 One labelling rule and one file format with infer.py: an image's true class comes from
 inference.inputs.find_labels (the chosen folder laid out as <class>/<images>, every first-level
 folder a class of the checkpoint), and Record writes predictions.csv with infer.py's own writer
-(inference.results.write_csv). The metrics are utils.metrics.ClassificationMetrics, the code
+(inference.results.write_csv), and predictions.json with its metrics with infer.py's
+write_json_report. The metrics are utils.metrics.ClassificationMetrics, the code
 training and infer.py use.
 """
 
@@ -26,12 +27,15 @@ from inference.predictor import (
     coverage_report,
     topk,
 )
-from inference.results import write_csv
+from inference.results import write_csv, write_json_report
 from ui_classification.strings import Text
+from utils.checkpoint import timestamp
 from utils.files import unique_path
-from utils.metrics import ClassificationMetrics, per_class_rows
+from utils.metrics import ClassificationMetrics, per_class_rows, write_per_class_csv
 
 PREDICTIONS_CSV = "predictions.csv"
+PREDICTIONS_JSON = "predictions.json"
+PER_CLASS_CSV = "per_class.csv"
 LOG_FILE = "viewer_log.txt"
 TOP_K = 5
 
@@ -100,7 +104,7 @@ class LiveMetrics:
         self.total = 0  # images classified, readable or not
         self.skipped = 0
         self.labelled = 0
-        self.values: Optional[dict] = None  # ClassificationMetrics.compute() over the labelled images
+        self.values: Optional[dict] = None  # ClassificationMetrics.compute() over the labelled images, auroc/ece aside
         self.started = time.perf_counter()
         self.elapsed = 0.0
 
@@ -115,7 +119,7 @@ class LiveMetrics:
             probs = torch.stack([p.probabilities for p in labelled])
             targets = torch.tensor([p.true_index for p in labelled])
             self.metrics.update(probs, targets)
-            self.values = self.metrics.compute()
+            self.values = self.metrics.compute(ranking=False)  # per batch in the GUI thread: no pass over every image
             counts = coverage_counts(probs, targets, self.min_confidence)
             self.coverage = tuple(total + new for total, new in zip(self.coverage, counts))
         self.elapsed = time.perf_counter() - self.started
@@ -167,12 +171,31 @@ class LiveMetrics:
         return line
 
 
+def run_description(checkpoint: str, model: str, device: str, temperature: float, folder: Optional[str]) -> dict:
+    """The head of predictions.json, with infer.py's keys (its `run` in write_outputs)."""
+    return {"checkpoint": checkpoint, "model": model, "inputs": [folder] if folder else [], "device": device,
+            "created": timestamp(), "topk": TOP_K, "temperature": temperature, "min_confidence": None}
+
+
 def export_records(folder: str, items: Sequence[ImagePrediction], class_names: Sequence[str], labelled: bool,
-                   log_lines: Sequence[str], min_confidence: Optional[float] = None) -> list[str]:
-    """predictions.csv (infer.py's format, every image of the run) and the log into `folder`,
-    never over existing files; returns the paths."""
+                   log_lines: Sequence[str], min_confidence: Optional[float] = None,
+                   run: Optional[dict] = None) -> list[str]:
+    """infer.py's predictions.csv and predictions.json (every image of the run so far; the JSON holds
+    the metrics, computed by Predictions.metrics as infer.py computes them), per_class.csv for a
+    labelled folder, and the log (`unknown` below `min_confidence`, as infer.py), into `folder`, never over existing files; returns the paths."""
+    run = {**(run or run_description("", "", "", 1.0, None)), "min_confidence": min_confidence}
+    results = as_predictions(items, class_names, labelled, min_confidence)
+    results.min_confidence = min_confidence
+    results.temperature = run["temperature"]  # ece is reported for the uncalibrated probabilities, as infer.py does
+    metrics = results.metrics()  # None unless some image has a true class
     csv_path = unique_path(folder, PREDICTIONS_CSV)
-    write_csv(as_predictions(items, class_names, labelled, min_confidence), csv_path, TOP_K)
+    write_csv(results, csv_path, TOP_K)
+    json_path = unique_path(folder, PREDICTIONS_JSON)
+    write_json_report(results, json_path, TOP_K, run, metrics)
+    files = [csv_path, json_path]
+    if metrics is not None:
+        files.append(unique_path(folder, PER_CLASS_CSV))
+        write_per_class_csv(per_class_rows(metrics["confusion"], results.class_names), files[-1])
     log_path = unique_path(folder, LOG_FILE)
     Path(log_path).write_text("\n".join(log_lines) + "\n", encoding="utf-8")
-    return [csv_path, log_path]
+    return [*files, log_path]

@@ -29,17 +29,22 @@ from PyQt5.QtWidgets import (
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QShortcut,
     QSizePolicy,
     QSplitter,
     QTableWidget,
     QTableWidgetItem,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
 
 from ui_classification.heat_maps import HeatMapCache
 from ui_classification.image_view import ImageView
+from ui_classification.charts import PerClassBars
+from ui_classification.confusion import ConfusionView
+from ui_classification.results_table import ResultsPanel
 from ui_classification.strings import Text
 from utils.files import IMAGE_EXTENSIONS, list_images, unique_path
 
@@ -109,6 +114,7 @@ class ViewerWindow(QMainWindow):
         self.current = -1
         self.run_total = 0  # images in the current run, readable or not
         self.run_folder: Optional[str] = None  # the current run's subfolder of the save folder
+        self.run_info: Optional[dict] = None  # checkpoint, model, device... of the run: predictions.json's head
         self.live: Optional[LiveMetrics] = None
         self.job: Optional[RunJob] = None  # set while a run is active
         self.stopping = False
@@ -128,7 +134,7 @@ class ViewerWindow(QMainWindow):
         self.interval_box.setValue(options.interval)
         self._apply_interval()
         self.set_title(options.title or self.text("window_title_loading"))
-        self.resize(1280, 820)
+        self.resize(1440, 860)
         if options.weights:
             self.set_checkpoint(options.weights)
         self._refresh_labels()
@@ -189,6 +195,16 @@ class ViewerWindow(QMainWindow):
         self.log_view.setMaximumBlockCount(LOG_LINES_KEPT_ON_SCREEN)
         self.progress = QProgressBar()
         self.progress.setFormat("%v / %m")
+        self._build_result_views()
+
+    def _build_result_views(self) -> None:
+        """The results table with its filters, the confusion matrix and the per-class bars (issue 16, 8/9/13)."""
+        self.results_panel = ResultsPanel(self.text)
+        self.results_panel.image_chosen.connect(self.show_index)
+        self.results_panel.below_spin.editingFinished.connect(lambda: self.image_view.setFocus())
+        self.confusion_view = ConfusionView(self.text)
+        self.confusion_view.cell_chosen.connect(lambda true, predicted: self.results_panel.set_cell((true, predicted)))
+        self.class_chart = PerClassBars(self.text)
 
     @staticmethod
     def _text_panel() -> QPlainTextEdit:
@@ -236,8 +252,9 @@ class ViewerWindow(QMainWindow):
         image_panel.setLayout(image_column)
         top = QSplitter(Qt.Horizontal)
         top.addWidget(image_panel)
-        top.addWidget(self._group(t("metrics_title"), self.metrics_view, self.class_table, self.progress))
-        top.setSizes([880, 400])
+        top.addWidget(self._group(t("results_title"), self.results_panel))
+        top.addWidget(self._metrics_column())
+        top.setSizes([560, 480, 400])
         body = QSplitter(Qt.Vertical)
         body.addWidget(top)
         body.addWidget(self._group(t("log_title"), self.log_view))
@@ -250,6 +267,23 @@ class ViewerWindow(QMainWindow):
         central = QWidget()
         central.setLayout(outer)
         self.setCentralWidget(central)
+
+    def _metrics_column(self) -> QSplitter:
+        """The summary, the per-class bars / table (tabs) and the progress above the confusion matrix."""
+        t = self.text
+        self.metrics_view.setMaximumHeight(8 * self.metrics_view.fontMetrics().lineSpacing() + 12)
+        chart_scroll = QScrollArea()
+        chart_scroll.setWidget(self.class_chart)
+        chart_scroll.setWidgetResizable(True)
+        self.metrics_tabs = QTabWidget()
+        self.metrics_tabs.setFocusPolicy(Qt.NoFocus)
+        self.metrics_tabs.addTab(chart_scroll, t("tab_chart"))
+        self.metrics_tabs.addTab(self.class_table, t("tab_table"))
+        column = QSplitter(Qt.Vertical)
+        column.addWidget(self._group(t("metrics_title"), self.metrics_view, self.metrics_tabs, self.progress))
+        column.addWidget(self._group(t("confusion_title"), self.confusion_view))
+        column.setSizes([420, 260])
+        return column
 
     @staticmethod
     def _group(title: str, *widgets: QWidget) -> QGroupBox:
@@ -438,6 +472,8 @@ class ViewerWindow(QMainWindow):
         self.predictions, self.run_items, self.current, self.live = [], [], -1, None
         self.run_total, self.run_folder = 0, None
         self.progress.reset()
+        self.results_panel.start(None, [])
+        self.confusion_view.set_matrix([], None)
         for label in (self.current_label, self.topk_label, self.verdict_label):
             label.clear()
         self._refresh_metrics()
@@ -478,7 +514,7 @@ class ViewerWindow(QMainWindow):
 
     def start_run(self) -> bool:
         """Check the inputs (a message box for each problem), then hand the folder to the worker."""
-        from ui_classification.results import LiveMetrics, folder_labels  # loaded with the worker already
+        from ui_classification.results import LiveMetrics, folder_labels, run_description  # already loaded
         from ui_classification.worker import RunJob
 
         paths = self._run_inputs()
@@ -488,6 +524,9 @@ class ViewerWindow(QMainWindow):
         self.clear_results()
         self.run_total, self.run_folder = len(paths), run_folder
         self.live = LiveMetrics(self.model_info.class_names, self.model_info.min_confidence)
+        self.results_panel.start(self.image_dir, self.model_info.class_names)
+        info = self.model_info
+        self.run_info = run_description(info.checkpoint, info.model_name, info.device, info.temperature, self.image_dir)
         labels, why_not = folder_labels(self.image_dir, paths, self.model_info.class_names)  # infer.py's rule
         self.run_labelled = labels is not None
         self.job = RunJob(paths, self.options.batch_size, run_folder, labels=labels,
@@ -554,6 +593,7 @@ class ViewerWindow(QMainWindow):
             return
         self.live.add(items)
         self.run_items += items  # every image, unreadable ones too: what Record writes
+        self.results_panel.append(items)
         for item in items:
             if item.error:
                 self.log(self.text("log_skipped", reason=item.error))
@@ -601,6 +641,9 @@ class ViewerWindow(QMainWindow):
                 item = QTableWidgetItem(value)
                 item.setTextAlignment(Qt.AlignVCenter | (Qt.AlignLeft if column == 0 else Qt.AlignRight))
                 self.class_table.setItem(index, column, item)
+        self.class_chart.set_rows(rows)
+        if self.live:
+            self.confusion_view.set_matrix(self.live.class_names, self.live.values["confusion"] if self.live.values else None)
 
     # ---- browsing
     def show_index(self, index: int) -> None:
@@ -615,6 +658,7 @@ class ViewerWindow(QMainWindow):
         self.current_label.setText(self._describe(item, position))
         self.topk_label.setText(self._describe_topk(item))
         self._show_verdict(item.correct)
+        self.results_panel.follow(index)
         self.log(self.text("log_shown", position=position, name=class_names[item.predicted_index],
                            probability=f"{item.probability:.1%}"))
         self.update_controls()
@@ -772,7 +816,8 @@ class ViewerWindow(QMainWindow):
         return QFileDialog.getExistingDirectory(self, self.text("dialog_record"))
 
     def export_to(self, folder: str) -> list[str]:
-        """predictions.csv and the log into `folder`; returns the files written ([] on failure)."""
+        """predictions.csv, predictions.json (with the metrics), per_class.csv and the log into `folder`;
+        returns the files written ([] on failure)."""
         from ui_classification.results import export_records  # loaded with the worker already
 
         if not os.path.isdir(folder):
@@ -780,7 +825,7 @@ class ViewerWindow(QMainWindow):
             return []
         try:
             files = export_records(folder, self.run_items, self.live.class_names, self.run_labelled, self.log_lines,
-                                   self.live.min_confidence)
+                                   self.live.min_confidence, self.run_info)
         except OSError as error:
             self.show_message(self.text("err_record_failed", path=folder, message=error.strerror or error))
             return []
@@ -803,4 +848,5 @@ class ViewerWindow(QMainWindow):
             self.job.stop()
         self.worker_thread.quit()
         self.worker_thread.wait()
+        self.results_panel.shutdown()
         self.job = None  # its finished signal will not be delivered any more
