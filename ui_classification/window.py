@@ -40,10 +40,10 @@ from PyQt5.QtWidgets import (
     QWidget,
 )
 
-from ui_classification.heat_maps import HeatMapCache
-from ui_classification.image_view import ImageView
 from ui_classification.charts import PerClassBars
 from ui_classification.confusion import ConfusionView
+from ui_classification.heat_maps import HeatMapCache
+from ui_classification.image_view import ImageView
 from ui_classification.results_table import ResultsPanel
 from ui_classification.strings import Text
 from utils.files import IMAGE_EXTENSIONS, list_images, unique_path
