@@ -372,3 +372,26 @@ def test_kill_during_a_checkpoint_save_leaves_history_behind_and_resume_cleans_u
     assert [path.name for path in run_dir.glob(".last.pth.*.tmp")] == [".last.pth.mine.tmp"]
     assert (run_dir / "notes.tmp").read_text() == (run_dir / ".last.pth.mine.tmp").read_text() == "keep me"
     assert [row["epoch"] for row in _history(run_dir)] == ["1", "2", "3"]
+
+
+# Run train.py with an --log_dir it cannot use, then list the heavy libraries it loaded on the way.
+HEAVY_IMPORTS = """
+import runpy, sys
+sys.argv = ["train.py", *sys.argv[1:]]
+try:
+    runpy.run_path("train.py", run_name="__main__")
+except SystemExit as stop:
+    print("exit", stop.code)
+heavy = ("torchmetrics", "matplotlib", "scipy", "sklearn", "imagehash", "onnx", "onnxruntime", "torchinfo")
+print("loaded", sorted(name for name in heavy if name in sys.modules))
+"""
+
+
+def test_a_bad_log_dir_is_answered_before_metrics_or_plotting_libraries_load(tmp_path):
+    """train.py imports torchmetrics, matplotlib and the like where first used: a run that stops on
+    its --log_dir (checked before the data scan) never pays for them."""
+    (tmp_path / "a_file").write_text("not a folder")
+    result = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS, "--log_dir", str(tmp_path / "a_file" / "logs")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert "exit 2" in result.stdout and "--log_dir" in result.stderr, result.stderr
+    assert "loaded []" in result.stdout, result.stdout
