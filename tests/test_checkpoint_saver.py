@@ -145,13 +145,14 @@ def test_plots_are_redrawn_at_most_every_interval_and_once_at_the_end(tmp_path):
     (tmp_path / "plots").mkdir()
     history = History(tmp_path, plot_interval_s=10.0, clock=lambda: now[0])
     drawn = []
-    for epoch, at in enumerate([0.0, 4.0, 9.0, 12.0, 15.0], start=1):
+    for epoch, at in enumerate([4.0, 9.0, 12.0, 15.0, 21.0, 22.0], start=1):
         now[0] = at
         history.append({"epoch": epoch, "lr": 0.1, "train_loss": 1.0, "val_loss": 1.0})
         drawn.append(history.plot_if_due(tmp_path / "plots"))
-    assert drawn == [True, False, False, True, False]  # epochs 1 and 4 (10 s after the first drawing)
-    assert history.plot_if_due(tmp_path / "plots", final=True)  # epoch 5 is not drawn yet
-    assert not history.plot_if_due(tmp_path / "plots", final=True)  # nothing new since
+    assert drawn == [False, False, True, False, False, True]  # 10 s after the start, then 10 s after that
+    assert not history.plot_if_due(tmp_path / "plots", final=True)  # nothing new since epoch 6
+    history.append({"epoch": 7, "lr": 0.1, "train_loss": 1.0, "val_loss": 1.0})
+    assert history.plot_if_due(tmp_path / "plots", final=True)  # at the end: epoch 7, however soon
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["accuracy.png", "loss.png", "lr.png"]
 
 

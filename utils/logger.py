@@ -159,7 +159,7 @@ class History:
         self.rows: list[dict] = list(rows or [])
         self._plot_interval_s, self._clock = plot_interval_s, clock
         self._changes = 0  # rows appended so far; the plots show _plotted_changes of them
-        self._plotted_changes, self._plotted_at = 0, -float("inf")
+        self._plotted_changes, self._plotted_at = 0, clock()  # the first drawing comes an interval after the start
         self.write()
 
     def add_epoch(self, epoch: int, train_stats: dict, val: dict, note: str = "") -> dict:
@@ -193,9 +193,10 @@ class History:
         return [float(row[name]) if row.get(name) not in (None, "") else float("nan") for row in self.rows]
 
     def plot_if_due(self, plot_dir: Path, final: bool = False) -> bool:
-        """Redraw the curves unless they were drawn less than `plot_interval_s` ago (drawing three
-        PNGs costs about as much as a few training steps on a CPU); `final`: redraw whenever a row
-        came since the last drawing. Returns whether it drew."""
+        """Redraw the curves unless they were drawn less than `plot_interval_s` ago, or the run
+        started less than that ago (importing matplotlib and drawing three PNGs costs seconds on a
+        small CPU, as much as many training steps); `final`: redraw whenever a row came since the
+        last drawing. Returns whether it drew."""
         if self._plotted_changes == self._changes:
             return False
         if not final and self._clock() - self._plotted_at < self._plot_interval_s:
