@@ -429,6 +429,7 @@ class CheckpointSaver:
             self.best = {"epoch": epoch, self.best_metric: metrics[self.best_metric], "loss": metrics["loss"]}
         if self.run_dir is None:
             return improved
+        self.flush()  # the previous epoch's files first: one epoch's copies in memory at a time
         trained = detached_copy(unwrap_model(model).state_dict())  # one copy per set of weights
         judged = trained if evaluated is None else detached_copy(unwrap_model(evaluated).state_dict())
         files = {"best.pth": self.build(judged, epoch, metrics)} if improved else {}
