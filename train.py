@@ -15,7 +15,9 @@ import contextlib
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     no half-made run folder behind (utils.logger.discard_unfinished_run)."""
     new_run_folders: list[Path] = []  # run_training adds the run folder it creates (rank 0, new runs only)
     try:
-        return run_training(argv, new_run_folders)
+        with stop_on_sigterm():
+            return run_training(argv, new_run_folders)
     except BaseException as error:
         for run_dir in new_run_folders:
             note = discard_unfinished_run(run_dir, f"{type(error).__name__}: {error}",
@@ -246,6 +249,25 @@ def main(argv: list[str] | None = None) -> dict:
             if note:
                 print(note, file=sys.stderr)
         raise
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (`kill`, a job scheduler, torchrun stopping the other ranks of a failed job) stops the
+    run as Ctrl-C does instead of ending the process on the spot: the checkpoint being written in
+    the background is finished, the resume command printed, a run without a finished epoch removed."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_training(argv: list[str] | None, new_run_folders: list[Path]) -> dict:

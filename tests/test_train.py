@@ -395,3 +395,22 @@ def test_a_bad_log_dir_is_answered_before_metrics_or_plotting_libraries_load(tmp
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert "exit 2" in result.stdout and "--log_dir" in result.stderr, result.stderr
     assert "loaded []" in result.stdout, result.stdout
+
+
+def test_sigterm_stops_like_ctrl_c_with_the_last_checkpoint_finished(tmp_path):
+    """`kill PID` (SIGTERM) after epoch 1: the run stops as on Ctrl-C (exit 130, the resume command),
+    the checkpoint writer finishes its file first (no temp file left), history.csv is not ahead of
+    last.pth, and the run resumes from there."""
+    root = make_class_tree(tmp_path / "ds", {"a": 8, "b": 8}, size=32)
+    logs = tmp_path / "logs"
+    process = _start(["--dataset_path", str(root), *FAST, "--epochs", "30", "--log_dir", str(logs)])
+    run_dir = _wait_for_epochs(logs, 1, process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    assert "continue with" in stdout and "Traceback" not in stderr
+    assert not list(run_dir.glob(".*.tmp"))
+    last = torch.load(run_dir / "last.pth", weights_only=True)
+    assert 1 <= len(_history(run_dir)) <= last["epoch"] < 30
+    assert [row["epoch"] for row in last["history"]][:len(_history(run_dir))] == [
+        int(row["epoch"]) for row in _history(run_dir)]
