@@ -371,7 +371,7 @@ def whole_run_rows(args: argparse.Namespace, work: Path) -> str:
     settings = {"model": "resnet18", "size": 64, "epochs": args.whole_run_epochs, "batch": 32,
                 "workers": args.workers}
     case = Case("small", settings["model"], settings["size"], settings["batch"])
-    rate = ceiling(case, 3, 8 * case.batch if not args.quick else 2 * case.batch, our_layout(case),
+    rate = ceiling(case, 3, 4 * case.batch if not args.quick else 2 * case.batch, our_layout(case),
                    optimizer_type="adamw")
     rate()  # warm-up
     ceiling_rate = statistics.median(rate() for _ in range(1 if args.quick else 3))
