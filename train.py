@@ -15,7 +15,9 @@ import contextlib
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     no half-made run folder behind (utils.logger.discard_unfinished_run)."""
     new_run_folders: list[Path] = []  # run_training adds the run folder it creates (rank 0, new runs only)
     try:
-        return run_training(argv, new_run_folders)
+        with stop_on_sigterm():
+            return run_training(argv, new_run_folders)
     except BaseException as error:
         for run_dir in new_run_folders:
             note = discard_unfinished_run(run_dir, f"{type(error).__name__}: {error}",
@@ -246,6 +249,25 @@ def main(argv: list[str] | None = None) -> dict:
             if note:
                 print(note, file=sys.stderr)
         raise
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (`kill`, a job scheduler, torchrun stopping the other ranks of a failed job) stops the
+    run as Ctrl-C does instead of ending the process on the spot: the checkpoint being written in
+    the background is finished, the resume command printed, a run without a finished epoch removed."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_training(argv: list[str] | None, new_run_folders: list[Path]) -> dict:
@@ -265,7 +287,8 @@ def run_training(argv: list[str] | None, new_run_folders: list[Path]) -> dict:
     if args.dataset_path is None:
         use_digits_demo(args, announce=main_process and not args.quiet)
     args.epochs = args.epochs or 30
-    scan = scan_dataset(args.dataset_path, args.val_ratio, args.test_ratio, args.seed)
+    scan = scan_dataset(args.dataset_path, args.val_ratio, args.test_ratio, args.seed,  # header checks cached
+                        check_cache=hash_cache_path(args.log_dir, args.dataset_path) if main_process else None)
     cache_dir = resolve_cache_dir(args.cache, args.cache_dir, args.log_dir, args.dataset_path)  # before any write
     class_names = check_dataset(args, scan)  # the same on every rank; two classes or more; --num_classes agrees
     check_model_name(args.model)
@@ -282,20 +305,23 @@ def run_training(argv: list[str] | None, new_run_folders: list[Path]) -> dict:
     ema = make_ema(args, model, log)  # --ema: validation, best.pth and the final report use its weights
 
     # ---- checkpoints and history ------------------------------------------------------------
-    saver = CheckpointSaver(run_dir if main_process else None, run_record(args, class_names, start),
-                            args.best_metric, args.freq)
-    start_epoch, saver.best, history_rows = restore_training_state(
-        resume, model, ema, optimizer, scheduler, scaler, scheduler_steps(args, train_loader), args, log) if resume else (0, None, [])
-    history = History(run_dir if main_process else None, history_rows)
-    run = TrainingRun(args, run_dir, log, model, train_model, eval_model, ema, train_loader, eval_loaders, criterion,
-                      optimizer, scheduler, scaler, settings, saver, history, class_names, device,
-                      sys.stderr.isatty() and not args.quiet and main_process)
-    if not resume:
-        saver.save_start(model, run.training_state())  # Ctrl-C in epoch 1 is resumable too
+    # checkpoints are written in a background thread; leaving the `with` (at the end, on Ctrl-C or an
+    # error) waits until the last one is on disk
+    with CheckpointSaver(run_dir if main_process else None, run_record(args, class_names, start),
+                         args.best_metric, args.freq) as saver:
+        start_epoch, saver.best, history_rows = restore_training_state(
+            resume, model, ema, optimizer, scheduler, scaler, scheduler_steps(args, train_loader), args, log) \
+            if resume else (0, None, [])
+        history = History(run_dir if main_process else None, history_rows)
+        run = TrainingRun(args, run_dir, log, model, train_model, eval_model, ema, train_loader, eval_loaders,
+                          criterion, optimizer, scheduler, scaler, settings, saver, history, class_names, device,
+                          sys.stderr.isatty() and not args.quiet and main_process)
+        if not resume:
+            saver.save_start(model, run.training_state())  # Ctrl-C in epoch 1 is resumable too
 
-    # ---- the epoch loop, then the best epoch on val and test --------------------------------
-    stop_note = train_epochs(run, start_epoch)
-    return final_report(run, stop_note)
+        # ---- the epoch loop, then the best epoch on val and test --------------------------------
+        stop_note = train_epochs(run, start_epoch)
+        return final_report(run, stop_note)
 
 
 @dataclass
@@ -356,6 +382,7 @@ def train_epochs(run: TrainingRun, start_epoch: int) -> str:
     finally:
         if board:
             board.close()
+        run.history.plot_if_due(run.run_dir / "plots", final=True)  # the curves of every epoch, however it ended
     return stop_note
 
 
@@ -376,11 +403,11 @@ def train_epoch(run: TrainingRun, epoch: int, board: TensorBoard | None) -> str:
     best = {"epoch": epoch} if run.saver.improves(metrics) else run.saver.best
     stop_note = early_stop_note(args, best, epoch)
     row = run.history.add_epoch(epoch, train_stats, val, stop_note)  # in memory: last.pth carries it, then history.csv
+    rows = list(run.history.rows)  # history.csv is written once last.pth is on disk, by the writer thread
     improved = run.saver.save_epoch(run.model, epoch, metrics, run.training_state,  # best.pth, last.pth, epoch_N.pth
-                                    run.ema.module if run.ema else None)
+                                    run.ema.module if run.ema else None, then=lambda: run.history.write(rows))
     run.saved_epoch = epoch
-    run.history.write()
-    run.history.plot(run.run_dir / "plots")
+    run.history.plot_if_due(run.run_dir / "plots")  # at most every PLOT_INTERVAL_S seconds
     if board:
         board.log(row, epoch)
     run.log.info(epoch_summary(epoch, args.epochs, train_stats, metrics, improved, run.ema is not None))
@@ -548,7 +575,8 @@ def make_loaders(args: argparse.Namespace, scan: DatasetScan, preprocess: Prepro
                                      sampler=train_sampler(train_set, args.seed, balanced_labels))
     eval_sets = {split: ImageDataset(samples, eval_transform, eval_size=preprocess.input_size)  # unreadable: left out
                  for split, samples in scan.splits.items() if split != "train"}
-    eval_loaders = {split: create_dataloader(dataset, args.batch_size, False, workers, device, sampler=eval_sampler(dataset))
+    eval_loaders = {split: create_dataloader(dataset, args.batch_size, False, workers, device,  # no random augmentation:
+                                             sampler=eval_sampler(dataset), persistent=True)  # workers kept, any mode
                     for split, dataset in eval_sets.items()}
     log.info(cache_datasets(args.cache, preprocess, train_set, list(eval_sets.values()), cache_dir, workers,
                             show_progress=sys.stderr.isatty() and not args.quiet and main_process))
@@ -758,6 +786,7 @@ def final_report(run: TrainingRun, stop_note: str) -> dict:
     curves, reliability), fit its temperature on val (saved into best.pth), then evaluate on test if
     there is one; say whether the run stopped early."""
     run_dir, model, class_names, log = run.run_dir, run.model, run.class_names, run.log
+    run.saver.flush()  # best.pth of the last epochs is on disk
     best = on_main_process(load_checkpoint, run_dir / "best.pth")  # rank 0 wrote it; other machines may not see it
     unwrap_model(model).load_state_dict(best["state_dict"])
     log.info(f"\nBest model: epoch {best['epoch']} ({run_dir / 'best.pth'}{', EMA weights' if run.ema else ''})")

@@ -15,12 +15,18 @@ For each model and input size, in images/s:
 The contenders alternate round by round and each number is a median, so load from other
 processes hits them alike. Data: photo-like 500x375 JPEGs written to a temp folder, and the
 digits demo (32x32 PNGs) with train.py's demo settings.
+
+Then the whole-run row (bench/whole_run.py): `python train.py` as a user runs it against the
+torchvision-style reference script (bench/reference_train.py), both as subprocesses timed from
+launch to exit, on 64 px JPEGs and on 500x375 photos: wall ratio, the share of the wall spent in
+training compute, and the time each takes to reach the reference's final accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -33,6 +39,7 @@ import torch
 import torch.nn as nn
 import torchvision
 import torchvision.transforms as T1
+import whole_run
 from benchlib import (
     fmt,
     interleaved,
@@ -83,6 +90,13 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for the whole run; cases shrink to fit when the machine is slow (default 540)")
     parser.add_argument("--no_digits", action="store_true", help="skip the digits demo row")
+    parser.add_argument("--whole_run", choices=("yes", "no", "only"), default="yes",
+                        help="also (yes), never (no) or only (only) run the whole-run row")
+    parser.add_argument("--whole_run_epochs", type=int, default=None, help="epochs of each whole run (default 15; quick 2)")
+    parser.add_argument("--whole_run_images", type=int, default=None,
+                        help="training images of each whole-run dataset, a quarter more for val (default 240; quick 48)")
+    parser.add_argument("--whole_run_rounds", type=int, default=None,
+                        help="rounds of train.py + reference per dataset (default 2; quick 1)")
     args = parser.parse_args()
     if args.quick:
         args.models, args.sizes = ["resnet18"], [64]
@@ -90,6 +104,9 @@ def get_args() -> argparse.Namespace:
     args.case_seconds = args.case_seconds or (12 if args.quick else 55)
     args.budget = args.budget or (60 if args.quick else 540)
     args.workers = default_workers(10**6) if args.workers is None else args.workers
+    args.whole_run_epochs = args.whole_run_epochs or (2 if args.quick else 15)
+    args.whole_run_images = args.whole_run_images or (48 if args.quick else 240)
+    args.whole_run_rounds = args.whole_run_rounds or (1 if args.quick else 2)
     return args
 
 
@@ -119,10 +136,12 @@ def train_flops_per_image(case: Case) -> float:
 
 
 def ceiling(case: Case, classes: int, images: int, channels_last: bool,
-            amp: Optional[torch.dtype] = None) -> Callable[[], float]:
-    """(a) the pure train step on synthetic, already-normalised tensors (optionally under autocast)."""
+            amp: Optional[torch.dtype] = None, optimizer_type: str = "sgd") -> Callable[[], float]:
+    """(a) the pure train step on synthetic, already-normalised tensors (optionally under autocast);
+    SGD as the per-epoch rows use, or "adamw" with train.py's defaults (the whole-run row)."""
     model = new_model(case, classes, channels_last).train()
-    optimizer = create_optimizer(model, "sgd", LR, MOMENTUM, WEIGHT_DECAY)
+    optimizer = create_optimizer(model, "sgd", LR, MOMENTUM, WEIGHT_DECAY) if optimizer_type == "sgd" else \
+        create_optimizer(model, optimizer_type, 1e-3, MOMENTUM, 0.01)
     criterion = nn.CrossEntropyLoss()
     pixels = torch.randint(0, 256, (case.batch, 3, case.size, case.size), dtype=torch.uint8)
     inputs = normalize_batch(pixels, Preprocess(input_size=[case.size, case.size]), channels_last=channels_last)
@@ -317,24 +336,51 @@ def main() -> None:
     print(f"bench_train: {'quick' if args.quick else 'full'} run on {available_cores()} cores, workers {args.workers}",
           flush=True)
     peak = matmul_peak_gflops()
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        if args.whole_run != "only":
+            rows = epoch_rows(args, Path(tmp), peak, started)
+            print()
+            print(report(rows, peak, args, time.perf_counter() - started))
+        if args.whole_run != "no":
+            print()
+            print(whole_run_rows(args, Path(tmp)))
+    print(f"\nlscpu model: {benchlib.cpu_model()}")
+
+
+def epoch_rows(args: argparse.Namespace, work: Path, peak: float, started: float) -> list[dict]:
+    """The per-epoch table's rows: every model and size on photos, and the digits demo."""
     small_batch = 16 if args.quick else 32
     cases = [Case("photos", model, size, batch=small_batch if size <= 64 else 8)
              for model in args.models for size in args.sizes]
     if not args.no_digits:  # train.py's demo settings
         cases.append(Case("digits", "resnet18", 32, batch=small_batch, hflip=0.0, crop_scale=0.5))
-    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        work = Path(tmp)
-        most = 64 if args.quick else 512
-        photos = benchlib.write_photo_dataset(work / "photos_all", train_images=most)
-        digits = make_digits_dataset(work / "digits_all")
-        rows = []
-        for number, case in enumerate(cases):
-            # a busy machine shortens the later cases rather than running past the budget
-            left = args.budget - (time.perf_counter() - started)
-            seconds = max(10.0, min(args.case_seconds, left / (len(cases) - number)))
-            rows.append(measure(case, photos if case.data == "photos" else digits, args, work, peak, seconds))
-    print()
-    print(report(rows, peak, args, time.perf_counter() - started))
+    most = 64 if args.quick else 512
+    photos = benchlib.write_photo_dataset(work / "photos_all", train_images=most)
+    digits = make_digits_dataset(work / "digits_all")
+    rows = []
+    for number, case in enumerate(cases):
+        # a busy machine shortens the later cases rather than running past the budget
+        left = args.budget - (time.perf_counter() - started)
+        seconds = max(10.0, min(args.case_seconds, left / (len(cases) - number)))
+        rows.append(measure(case, photos if case.data == "photos" else digits, args, work, peak, seconds))
+    return rows
+
+
+def whole_run_rows(args: argparse.Namespace, work: Path) -> str:
+    """The whole-run table (bench/whole_run.py): resnet18 at 64 px, batch 32, on 64 px JPEGs and on photos."""
+    settings = {"model": "resnet18", "size": 64, "epochs": args.whole_run_epochs, "batch": 32,
+                "workers": args.workers}
+    case = Case("small", settings["model"], settings["size"], settings["batch"])
+    rate = ceiling(case, 3, 4 * case.batch if not args.quick else 2 * case.batch, our_layout(case),
+                   optimizer_type="adamw")
+    rate()  # warm-up
+    ceiling_rate = statistics.median(rate() for _ in range(1 if args.quick else 3))
+    images, val = args.whole_run_images, max(3, args.whole_run_images // 4)
+    rows = []
+    for name, side in (("64 px JPEGs", (64, 64)), ("500x375 photos", benchlib.PHOTO_SIZE)):
+        data = whole_run.write_tinted_dataset(work / f"whole_{side[0]}", side, images, val)
+        rows.append(whole_run.measure_dataset(name, data, work, settings, ceiling_rate, args.whole_run_rounds))
+    return whole_run.report(rows, settings, ceiling_rate)
 
 
 if __name__ == "__main__":

@@ -99,10 +99,12 @@ def test_saver_writes_the_temperature_into_best_and_same_epoch_last(tmp_path):
     record = {"model": "resnet18", "class_names": ["a", "b"], "preprocess": Preprocess(input_size=[32, 32]).to_dict()}
     saver = CheckpointSaver(tmp_path, record)
     saver.save_epoch(model, 1, {"top1": 0.9, "loss": 0.1}, lambda: {"optimizer": {}})
+    saver.flush()  # written in a background thread (add_fields flushes by itself)
     assert "temperature" not in load_checkpoint(tmp_path / "best.pth")
     assert saver.add_fields({"temperature": 1.7, "suggested_min_confidence": 0.8}) == ["best.pth", "last.pth"]
     best = load_checkpoint(tmp_path / "best.pth")
     assert best["temperature"] == 1.7 and best["suggested_min_confidence"] == 0.8 and best["epoch"] == 1
     saver.save_epoch(model, 2, {"top1": 0.5, "loss": 0.9}, lambda: {"optimizer": {}})  # worse: best stays epoch 1
     assert saver.add_fields({"temperature": 2.0}) == ["best.pth"]  # last.pth now holds other weights
+    saver.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "last.pth"]  # no temp files left

@@ -3,6 +3,7 @@ from ImageNet weights, whose preprocessing comes from the weights' recipe, not f
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from conftest import make_class_tree
 import models.pretrained as pretrained
 import train
 from models.registry import create_model
-from utils.checkpoint import CheckpointSaver, load_checkpoint, save_checkpoint
+from utils.checkpoint import BackgroundWriter, CheckpointSaver, load_checkpoint, save_checkpoint
+from utils.logger import History
 
 RECORD = {"model": "tiny", "class_names": ["a", "b"], "preprocess": {"input_size": [8, 8]}, "args": {}}
 
@@ -31,10 +33,12 @@ def test_saver_writes_last_every_epoch_best_on_improvement_and_epoch_n_by_freq(t
     saver = CheckpointSaver(tmp_path, RECORD, "top1", freq=2)
     state = {"optimizer": {"marker": 1}}
     saver.save_start(model, state)
+    saver.flush()  # the files are written in a background thread
     assert _files(tmp_path) == ["last.pth"] and load_checkpoint(tmp_path / "last.pth")["epoch"] == 0
     scripted = [(0.5, 1.0), (0.4, 0.5), (0.5, 0.9), (0.7, 2.0)]  # best: epoch 1, tie won by lower loss (3), then 4
     improved = [saver.save_epoch(model, epoch, _metrics(*m), lambda: state) for epoch, m in enumerate(scripted, 1)]
     assert improved == [True, False, True, True]
+    saver.close()
     assert _files(tmp_path) == ["best.pth", "epoch_2.pth", "epoch_4.pth", "last.pth"]
     best, last = load_checkpoint(tmp_path / "best.pth"), load_checkpoint(tmp_path / "last.pth")
     assert best["epoch"] == 4 and "optimizer" not in best  # best.pth: no training state
@@ -56,6 +60,100 @@ def test_loss_as_best_metric_prefers_lower_and_other_ranks_write_nothing(tmp_pat
 def test_unknown_best_metric_is_refused():
     with pytest.raises(ValueError):
         CheckpointSaver(None, RECORD, "accuracy")
+
+
+# ---- the background writer ------------------------------------------------------------------------
+
+
+def test_saved_files_hold_the_weights_of_save_time_although_training_goes_on(tmp_path):
+    """The checkpoint is copied before it is handed to the writer thread: changing the weights and
+    the optimizer state right after save_epoch returns does not reach the files."""
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    weights_then = model.weight.detach().clone()
+    moment_then = optimizer.state[model.weight]["exp_avg"].clone()
+    with CheckpointSaver(tmp_path, RECORD) as saver:
+        saver.save_epoch(model, 1, _metrics(0.5, 1.0), lambda: {"optimizer": optimizer.state_dict()})
+        with torch.no_grad():
+            model.weight.add_(1.0)  # what the next training steps do, in place
+        optimizer.state[model.weight]["exp_avg"].add_(1.0)
+    best, last = load_checkpoint(tmp_path / "best.pth"), load_checkpoint(tmp_path / "last.pth")
+    assert torch.equal(best["state_dict"]["weight"], weights_then)
+    assert torch.equal(last["state_dict"]["weight"], weights_then)
+    assert torch.equal(last["optimizer"]["state"][0]["exp_avg"], moment_then)
+
+
+def test_then_runs_after_last_pth_is_on_disk_and_history_follows_it(tmp_path):
+    """train.py writes history.csv in `then`: by then last.pth of that epoch must be in place."""
+    model, history, seen = nn.Linear(2, 2), History(tmp_path), []
+    with CheckpointSaver(tmp_path, RECORD) as saver:
+        for epoch in (1, 2):
+            history.append({"epoch": epoch, "lr": 0.1})
+            rows = list(history.rows)
+
+            def then(rows=rows, epoch=epoch):
+                seen.append((load_checkpoint(tmp_path / "last.pth")["epoch"], epoch))
+                history.write(rows)
+
+            saver.save_epoch(model, epoch, _metrics(0.5, 1.0), lambda: {"history": history.rows}, then=then)
+        history.append({"epoch": 3, "lr": 0.1})  # an epoch not yet saved: never in the file
+    assert seen == [(1, 1), (2, 2)]
+    assert (tmp_path / "history.csv").read_text().splitlines()[1:] == ["1,0.1,,,,,,,,", "2,0.1,,,,,,,,"]
+
+
+def test_a_failed_background_write_is_raised_on_the_training_thread(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    saver = CheckpointSaver(tmp_path / "a_file" / "run", RECORD)
+    saver.save_start(nn.Linear(2, 2), {})  # returns at once: the error happens in the writer thread
+    with pytest.raises(OSError):
+        saver.save_epoch(nn.Linear(2, 2), 1, _metrics(0.5, 1.0), dict)  # ... and comes back here
+    saver.save_start(nn.Linear(2, 2), {})
+    with pytest.raises(OSError):
+        saver.close()
+
+
+def test_leaving_the_saver_on_an_error_flushes_and_keeps_that_error(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(KeyboardInterrupt), CheckpointSaver(tmp_path, RECORD) as saver:  # Ctrl-C: the last
+        saver.save_start(nn.Linear(2, 2), {})  # file still lands
+        raise KeyboardInterrupt
+    assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 0
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="could not be written"), \
+            CheckpointSaver(tmp_path / "a_file" / "run", RECORD) as saver:  # a failed write as well:
+        saver.save_start(nn.Linear(2, 2), {})  # the Ctrl-C stays the error reported
+        raise KeyboardInterrupt
+
+
+def test_the_writer_holds_at_most_one_job_and_keeps_their_order():
+    """A second submit waits until the first job has finished; jobs run in the order given."""
+    writer, release, done = BackgroundWriter(), threading.Event(), []
+    writer.submit(lambda: (release.wait(60), done.append(1)))
+    second = threading.Thread(target=writer.submit, args=(lambda: done.append(2),))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive() and done == []  # still waiting for the first job
+    release.set()
+    second.join(60)
+    writer.close()
+    assert done == [1, 2]
+
+
+def test_plots_are_redrawn_at_most_every_interval_and_once_at_the_end(tmp_path):
+    now = [0.0]
+    (tmp_path / "plots").mkdir()
+    history = History(tmp_path, plot_interval_s=10.0, clock=lambda: now[0])
+    drawn = []
+    for epoch, at in enumerate([4.0, 9.0, 12.0, 15.0, 21.0, 22.0], start=1):
+        now[0] = at
+        history.append({"epoch": epoch, "lr": 0.1, "train_loss": 1.0, "val_loss": 1.0})
+        drawn.append(history.plot_if_due(tmp_path / "plots"))
+    assert drawn == [False, False, True, False, False, True]  # 10 s after the start, then 10 s after that
+    assert not history.plot_if_due(tmp_path / "plots", final=True)  # nothing new since epoch 6
+    history.append({"epoch": 7, "lr": 0.1, "train_loss": 1.0, "val_loss": 1.0})
+    assert history.plot_if_due(tmp_path / "plots", final=True)  # at the end: epoch 7, however soon
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["accuracy.png", "loss.png", "lr.png"]
 
 
 # ---- resuming a run that started from ImageNet weights ------------------------------------------

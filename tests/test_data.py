@@ -300,3 +300,30 @@ def test_training_names_a_class_folder_it_cannot_list(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr == f"error: cannot list folder {locked}: Permission denied\n"
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+
+
+def test_the_pre_scan_caches_its_header_checks_and_checks_a_changed_file_again(tmp_path, monkeypatch):
+    """A second scan of unchanged files opens none of them; a file rewritten since (new mtime and
+    size) is checked again, and a broken one is left out although its old verdict was 'readable'."""
+    import utils.data as data
+
+    root = make_class_tree(tmp_path / "ds", {"a": 2, "b": 2}, size=16)  # train/ and val/: 8 files
+    cache = tmp_path / "logs" / ".cache" / "image_hashes.sqlite"
+    opened = []
+    real_check = data.check_image
+    monkeypatch.setattr(data, "check_image", lambda path: opened.append(path) or real_check(path))
+
+    first = scan_dataset(root, check_cache=cache)
+    assert len(opened) == 8 and not first.skipped and cache.is_file()
+    opened.clear()
+    second = scan_dataset(root, check_cache=cache)
+    assert opened == [] and second.splits == first.splits
+
+    changed = sorted((root / "train" / "a").iterdir())[0]
+    changed.write_bytes(b"no longer an image")
+    third = scan_dataset(root, check_cache=cache)
+    assert opened == [str(changed)]
+    assert [path for path, _ in third.skipped] == [str(changed)] and "unreadable image" in third.skipped[0][1]
+    opened.clear()
+    assert [path for path, _ in scan_dataset(root, check_cache=cache).skipped] == [str(changed)]
+    assert opened == []  # the bad verdict is cached too

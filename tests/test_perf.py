@@ -188,18 +188,20 @@ def test_digits_demo_reaches_the_same_accuracy_with_the_ram_cache(digits_root, t
     assert abs(plain - cached) <= 0.05, (plain, cached)
 
 
-def _bench(script: str) -> str:
-    result = run_script(str(BENCH / script), "--quick", timeout=300)
+def _bench(script: str, timeout: int = 300) -> str:
+    result = run_script(str(BENCH / script), "--quick", timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
 @pytest.mark.slow
 def test_bench_train_quick_prints_its_table_and_targets():
-    out = _bench("bench_train.py")
+    out = _bench("bench_train.py", timeout=600)  # with the whole-run row: four short runs of train.py and the reference
     assert "| data" in out and "(b)/(c)" in out and "(b+)/(a)" in out
     assert "| photos | resnet18 | 64" in out and "| digits | resnet18 | 32" in out
     assert "Target ours >= 1.3x reference" in out and "matmul peak" in out
+    assert "| 64 px JPEGs" in out and "| 500x375 photos" in out and "reference/train.py" in out
+    assert "Goal train.py wall <= the reference's" in out and "lscpu model:" in out
 
 
 @pytest.mark.slow

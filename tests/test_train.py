@@ -372,3 +372,45 @@ def test_kill_during_a_checkpoint_save_leaves_history_behind_and_resume_cleans_u
     assert [path.name for path in run_dir.glob(".last.pth.*.tmp")] == [".last.pth.mine.tmp"]
     assert (run_dir / "notes.tmp").read_text() == (run_dir / ".last.pth.mine.tmp").read_text() == "keep me"
     assert [row["epoch"] for row in _history(run_dir)] == ["1", "2", "3"]
+
+
+# Run train.py with an --log_dir it cannot use, then list the heavy libraries it loaded on the way.
+HEAVY_IMPORTS = """
+import runpy, sys
+sys.argv = ["train.py", *sys.argv[1:]]
+try:
+    runpy.run_path("train.py", run_name="__main__")
+except SystemExit as stop:
+    print("exit", stop.code)
+heavy = ("torchmetrics", "matplotlib", "scipy", "sklearn", "imagehash", "onnx", "onnxruntime", "torchinfo")
+print("loaded", sorted(name for name in heavy if name in sys.modules))
+"""
+
+
+def test_a_bad_log_dir_is_answered_before_metrics_or_plotting_libraries_load(tmp_path):
+    """train.py imports torchmetrics, matplotlib and the like where first used: a run that stops on
+    its --log_dir (checked before the data scan) never pays for them."""
+    (tmp_path / "a_file").write_text("not a folder")
+    result = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS, "--log_dir", str(tmp_path / "a_file" / "logs")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert "exit 2" in result.stdout and "--log_dir" in result.stderr, result.stderr
+    assert "loaded []" in result.stdout, result.stdout
+
+
+def test_sigterm_stops_like_ctrl_c_with_the_last_checkpoint_finished(tmp_path):
+    """`kill PID` (SIGTERM) after epoch 1: the run stops as on Ctrl-C (exit 130, the resume command),
+    the checkpoint writer finishes its file first (no temp file left), history.csv is not ahead of
+    last.pth, and the run resumes from there."""
+    root = make_class_tree(tmp_path / "ds", {"a": 8, "b": 8}, size=32)
+    logs = tmp_path / "logs"
+    process = _start(["--dataset_path", str(root), *FAST, "--epochs", "30", "--log_dir", str(logs)])
+    run_dir = _wait_for_epochs(logs, 1, process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    assert "continue with" in stdout and "Traceback" not in stderr
+    assert not list(run_dir.glob(".*.tmp"))
+    last = torch.load(run_dir / "last.pth", weights_only=True)
+    assert 1 <= len(_history(run_dir)) <= last["epoch"] < 30
+    assert [row["epoch"] for row in last["history"]][:len(_history(run_dir))] == [
+        int(row["epoch"]) for row in _history(run_dir)]

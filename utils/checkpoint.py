@@ -27,8 +27,10 @@ import pickle
 import random
 import re
 import secrets
+import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -286,6 +288,60 @@ def is_better(metrics: Mapping[str, float], best: Mapping[str, float], name: str
     return value > best_value or (value == best_value and metrics["loss"] < best["loss"])
 
 
+def detached_copy(value: Any) -> Any:
+    """`value` (a state_dict, an optimizer state, nested dicts/lists) with every tensor copied to
+    the CPU, so training can go on changing its weights while a background thread saves the copy.
+    OrderedDicts keep their `_metadata` (torchvision reads it when loading old formats)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        return value.clone() if value.device.type == "cpu" else value.to("cpu")
+    if isinstance(value, Mapping):
+        kind = OrderedDict if isinstance(value, OrderedDict) else dict
+        copied = kind((key, detached_copy(item)) for key, item in value.items())
+        metadata = getattr(value, "_metadata", None)
+        if metadata is not None:
+            copied._metadata = metadata
+        return copied
+    if isinstance(value, (list, tuple)):
+        return type(value)(detached_copy(item) for item in value)
+    return value
+
+
+class BackgroundWriter:
+    """Runs write jobs one at a time in one background thread, at most one waiting or running.
+
+    `submit` first waits for the previous job, so writes land in the order given and at most one
+    job's data is held in memory; an error raised by a job comes back on the calling thread at the
+    next `submit`, `flush` or `close`. With `background` False every job runs at once, in the caller.
+    """
+
+    def __init__(self, background: bool = True):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer") if background else None
+        self._pending: Optional[Future] = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.flush()
+        if self._pool is None:
+            job()
+        else:
+            self._pending = self._pool.submit(job)
+
+    def flush(self) -> None:
+        """Wait for the job in progress; re-raise its error here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Flush, then end the thread (a closed writer runs later jobs in the caller)."""
+        try:
+            self.flush()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+
 class CheckpointSaver:
     """Owns a run's checkpoint files: builds each self-describing dict, decides which files an
     epoch writes, and writes them atomically (timm's CheckpointSaver is the model).
@@ -298,10 +354,16 @@ class CheckpointSaver:
     pretrained, model_kwargs, ...); see the module docstring for the whole format. With
     run_dir None (torchrun ranks other than 0) it still decides, so every rank agrees on `best`,
     but writes nothing.
+
+    The files are written in a background thread (`background`, the default), so the next epoch
+    trains while they go to disk: the checkpoint is copied to CPU tensors first (detached_copy),
+    each file is still written atomically, an epoch's files wait for the previous epoch's, and a
+    failed write is raised on the training thread at the next save, `flush` or `close`. Use it as
+    a context manager, or call `close`, so that the last files are on disk before the run ends.
     """
 
     def __init__(self, run_dir: Optional[Path], record: Mapping[str, Any], best_metric: str = "top1",
-                 freq: int = 0, best: Optional[dict] = None):
+                 freq: int = 0, best: Optional[dict] = None, background: bool = True):
         if best_metric not in BEST_METRICS:
             raise ValueError(f"best_metric must be one of {BEST_METRICS}, got {best_metric!r}")
         self.run_dir = run_dir
@@ -309,64 +371,104 @@ class CheckpointSaver:
         self.best_metric = best_metric
         self.freq = freq
         self.best = best  # {"epoch", best_metric, "loss"} of the best epoch so far; None before the first
+        self._writer = BackgroundWriter(background and run_dir is not None)
 
-    def build(self, model: nn.Module, epoch: int, metrics: Mapping[str, Any],
+    def flush(self) -> None:
+        """Wait until the files saved so far are on disk; raise a failed write's error here."""
+        self._writer.flush()
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Flush and stop the writer thread. With `raise_errors` False (the run is failing already)
+        a failed write is only warned about, so the first error stays the one reported."""
+        try:
+            self._writer.close()
+        except Exception as error:
+            if raise_errors:
+                raise
+            warnings.warn(f"a checkpoint could not be written: {error}", stacklevel=2)
+
+    def __enter__(self) -> CheckpointSaver:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close(raise_errors=exc_type is None)
+
+    def build(self, model: nn.Module | Mapping[str, torch.Tensor], epoch: int, metrics: Mapping[str, Any],
               training_state: Optional[Mapping[str, Any]] = None) -> dict:
-        """The checkpoint dict: the run's record, the plain model's weights, where the run stands."""
-        checkpoint = {"format": CHECKPOINT_FORMAT, **self.record, "state_dict": unwrap_model(model).state_dict(),
-                      "epoch": epoch, "metrics": dict(metrics), "best_metric": self.best,
+        """The checkpoint dict: the run's record, the plain model's weights (or a state_dict already
+        copied), where the run stands; every tensor a CPU copy that training does not change."""
+        weights = model if isinstance(model, Mapping) else detached_copy(unwrap_model(model).state_dict())
+        checkpoint = {"format": CHECKPOINT_FORMAT, **detached_copy(self.record), "state_dict": weights,
+                      "epoch": epoch, "metrics": dict(metrics), "best_metric": dict(self.best or {}) or None,
                       "versions": versions(), "created": timestamp()}
         if training_state is not None:
-            checkpoint.update(training_state)
+            checkpoint.update(detached_copy(training_state))
         return checkpoint
 
     def save_start(self, model: nn.Module, training_state: Mapping[str, Any]) -> None:
         """last.pth before the first epoch, so a Ctrl-C during epoch 1 is resumable too."""
-        self._write("last.pth", self.build(model, 0, {}, training_state))
+        self._write({"last.pth": self.build(model, 0, {}, training_state)})
 
     def improves(self, metrics: Mapping[str, Any]) -> bool:
         """Whether an epoch with these validation metrics would be the best so far."""
         return self.best is None or is_better(metrics, self.best, self.best_metric)
 
     def save_epoch(self, model: nn.Module, epoch: int, metrics: Mapping[str, Any],
-                   training_state: Callable[[], Mapping[str, Any]], evaluated: Optional[nn.Module] = None) -> bool:
-        """Write the files this epoch calls for; return whether it is the best epoch so far.
+                   training_state: Callable[[], Mapping[str, Any]], evaluated: Optional[nn.Module] = None,
+                   then: Optional[Callable[[], None]] = None) -> bool:
+        """Save the files this epoch calls for; return whether it is the best epoch so far.
 
         `evaluated` is the model whose weights gave `metrics` when that is not `model` (the EMA
         under --ema): best.pth and epoch_N.pth hold its weights; last.pth holds the trained
         model's, and training_state() carries the rest (the EMA's own weights among them).
+        `then` runs (in the writer thread) once last.pth is on disk: train.py writes history.csv
+        there, so the file never lists an epoch that last.pth does not hold.
         """
         improved = self.improves(metrics)
         if improved:
             self.best = {"epoch": epoch, self.best_metric: metrics[self.best_metric], "loss": metrics["loss"]}
         if self.run_dir is None:
             return improved
-        evaluated = model if evaluated is None else evaluated
-        if improved:
-            self._write("best.pth", self.build(evaluated, epoch, metrics))
-        self._write("last.pth", self.build(model, epoch, metrics, training_state()))
+        self.flush()  # the previous epoch's files first: one epoch's copies in memory at a time
+        trained = detached_copy(unwrap_model(model).state_dict())  # one copy per set of weights
+        judged = trained if evaluated is None else detached_copy(unwrap_model(evaluated).state_dict())
+        files = {"best.pth": self.build(judged, epoch, metrics)} if improved else {}
+        files["last.pth"] = self.build(trained, epoch, metrics, training_state())
         if self.freq and epoch % self.freq == 0:
-            self._write(f"epoch_{epoch}.pth", self.build(evaluated, epoch, metrics))
+            files[f"epoch_{epoch}.pth"] = self.build(judged, epoch, metrics)
+        self._write(files, then)
         return improved
 
     def add_fields(self, fields: Mapping[str, Any]) -> list[str]:
         """Add `fields` (say the temperature fitted after training) to the run's record and rewrite,
         atomically, best.pth and a last.pth that holds the same epoch (the same weights: a value
-        fitted on best.pth's outputs does not describe other weights). Returns the names rewritten."""
+        fitted on best.pth's outputs does not describe other weights). Returns the names rewritten;
+        they are on disk when it returns."""
         self.record.update(fields)
+        self.flush()  # the files read below are the ones saved last
         if self.run_dir is None or not (self.run_dir / "best.pth").is_file():
             return []
         best = torch.load(self.run_dir / "best.pth", map_location="cpu", weights_only=True)
-        rewritten = ["best.pth"]
-        self._write("best.pth", {**best, **fields})
+        files = {"best.pth": {**best, **fields}}
         last_path = self.run_dir / "last.pth"
         if last_path.is_file():
             last = torch.load(last_path, map_location="cpu", weights_only=True)
             if last.get("epoch") == best.get("epoch") and last.get("ema") is None:  # --ema: best.pth holds other weights
-                self._write("last.pth", {**last, **fields})
-                rewritten.append("last.pth")
-        return rewritten
+                files["last.pth"] = {**last, **fields}
+        self._write(files)
+        self.flush()
+        return list(files)
 
-    def _write(self, name: str, checkpoint: dict) -> None:
-        if self.run_dir is not None:
-            save_checkpoint(checkpoint, self.run_dir / name)
+    def _write(self, files: dict[str, dict], then: Optional[Callable[[], None]] = None) -> None:
+        """Hand `files` ({name: checkpoint}, written in this order) and `then` to the writer."""
+        if self.run_dir is None:
+            return
+        run_dir = self.run_dir
+
+        def write_all() -> None:
+            for name, checkpoint in files.items():
+                save_checkpoint(checkpoint, run_dir / name)
+            if then is not None:
+                then()
+
+        self._writer.submit(write_all)

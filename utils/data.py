@@ -28,6 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from utils.errors import UsageError
 from utils.files import VAL_SPLIT_NAMES, list_class_dirs, list_images
+from utils.stat_cache import StatCache, file_stat
 
 Sample = tuple[str, int]  # (image path, class index)
 
@@ -139,11 +140,30 @@ def check_image(path: str) -> Optional[str]:
     return problem or _header_problem(path, verify=True)
 
 
-def find_unreadable(paths: Sequence[str], threads: int = 8) -> dict[str, str]:
-    """Pre-scan: map each file that fails `check_image` to the reason."""
+HEADER_CHECK_VERSION = 1  # part of every cached check: bump when check_image changes
+
+
+def find_unreadable(paths: Sequence[str], threads: int = 8,
+                    cache_path: Optional[str | os.PathLike] = None) -> dict[str, str]:
+    """Pre-scan: map each file that fails `check_image` to the reason.
+
+    With `cache_path` (train.py: LOG_DIR/.cache/image_hashes.sqlite) each verdict is kept by the
+    file's path, mtime and size (utils.stat_cache), so a second run over unchanged files opens
+    none of them; an edited or replaced file is checked again. A file that could not be opened
+    at all is not cached (its permissions may change without its mtime)."""
+    cache = StatCache.open(cache_path, "header_checks", ["reason"], HEADER_CHECK_VERSION,
+                           what="header-check cache") if cache_path else None
+    stats = [file_stat(path) for path in paths] if cache else [None] * len(paths)
+    known = cache.lookup(paths, stats) if cache else [None] * len(paths)
+    todo = [i for i, row in enumerate(known) if row is None]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        reasons = pool.map(check_image, paths, chunksize=64)
-        return {path: reason for path, reason in zip(paths, reasons) if reason}
+        checked = dict(zip(todo, pool.map(check_image, [paths[i] for i in todo], chunksize=64)))
+    if cache:
+        cache.store([(paths[i], stats[i], (checked[i] or "",)) for i in todo
+                     if stats[i] is not None and not (checked[i] or "").startswith("cannot read")])
+        cache.close()
+    reasons = [checked[i] if row is None else row[0] for i, row in enumerate(known)]
+    return {path: reason for path, reason in zip(paths, reasons) if reason}
 
 
 @dataclass
@@ -219,8 +239,11 @@ def scan_dataset(
     test_ratio: float = 0.0,
     seed: int = 0,
     check_files: bool = True,
+    check_cache: Optional[str | os.PathLike] = None,
 ) -> DatasetScan:
-    """Scan DATASET/{train,val[,test]}/<class>/ (or split an unsplit DATASET/<class>/ in memory)."""
+    """Scan DATASET/{train,val[,test]}/<class>/ (or split an unsplit DATASET/<class>/ in memory);
+    `check_files`: leave out the files that fail the header check (cached in `check_cache`, see
+    find_unreadable)."""
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"--dataset_path {root} does not exist or is not a folder")
@@ -231,7 +254,7 @@ def scan_dataset(
     else:
         scan = _scan_unsplit_tree(root, val_ratio, test_ratio, seed)
     if check_files:
-        _drop_unreadable(scan)
+        _drop_unreadable(scan, check_cache)
     if not scan.splits["train"]:
         raise UsageError(f"no readable training images under {root}")
     return scan
@@ -294,9 +317,9 @@ def _scan_unsplit_tree(root: Path, val_ratio: float, test_ratio: float, seed: in
     return DatasetScan(str(root), class_names, splits, split_on_the_fly=True)
 
 
-def _drop_unreadable(scan: DatasetScan) -> None:
+def _drop_unreadable(scan: DatasetScan, cache_path: Optional[str | os.PathLike] = None) -> None:
     all_paths = [path for samples in scan.splits.values() for path, _ in samples]
-    bad = find_unreadable(all_paths)
+    bad = find_unreadable(all_paths, cache_path=cache_path)
     if not bad:
         return
     scan.skipped.extend(sorted(bad.items()))

@@ -20,24 +20,21 @@ from __future__ import annotations
 
 import math
 import os
-import sqlite3
 import sys
-import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import cv2
-import imagehash
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from utils.data import ImageReadError, available_cores, read_rgb
 from utils.files import file_digest
+from utils.stat_cache import StatCache, file_stat
 
 FINGERPRINT_VERSION = 1  # part of every cache key: bump when the hash or the reader changes
 DEFAULT_MAX_DISTANCE = 10  # bits of 64: resized/recompressed copies land at 0-6, 3% crops at 4-14, unrelated photos at 16+
@@ -48,7 +45,6 @@ KINDS = ("exact", "perceptual", "embedding")  # how strong a link is, strongest 
 FALSE_PAIR_RATE = 0.002  # pHash pairs of unrelated images tolerated per image (see crowding_limit)
 CROWDING_MIN_PAIRS = 30  # pairs needed at a distance to extrapolate the tail of unrelated pairs from it
 HASH_CACHE_NAME = "image_hashes.sqlite"  # the cache file's name, in LOG_DIR/.cache/ by default (train.py, audit_dataset.py)
-CACHE_TIMEOUT_S = 10.0  # wait this long for another process's write lock on the cache, then go on without it
 
 
 @dataclass(frozen=True)
@@ -130,6 +126,8 @@ def compute_fingerprint(path: str) -> Fingerprint:
 
 def perceptual_hash(image: np.ndarray) -> str:
     """imagehash.phash of an RGB uint8 array as 16 hex digits."""
+    import imagehash  # with scipy: imported when an image is first hashed (a cached run never does)
+
     height, width = image.shape[:2]
     scale = HASH_SIDE / max(height, width)
     if scale < 1:  # INTER_AREA shrinks a 12-megapixel photo far faster than Pillow's filter
@@ -152,7 +150,7 @@ def fingerprint_files(paths: Sequence[str], cache_path: Optional[str | os.PathLi
     """Fingerprints of `paths` in order: from the cache where the file is unchanged, else computed
     (in `workers` threads: decoding and hashing release the GIL) and stored in the cache."""
     cache = FingerprintCache.open(cache_path) if cache_path else None
-    stats = [_stat(path) for path in paths]
+    stats = [file_stat(path) for path in paths]
     found: dict[int, Fingerprint] = {}
     if cache is not None:
         found = {i: fp for i, fp in enumerate(cache.lookup(paths, stats)) if fp is not None}
@@ -170,87 +168,30 @@ def fingerprint_files(paths: Sequence[str], cache_path: Optional[str | os.PathLi
     return [found[i] for i in range(len(paths))]
 
 
-def _stat(path: str) -> Optional[tuple[int, int]]:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_mtime_ns, info.st_size
-
-
 class FingerprintCache:
-    """An SQLite file of fingerprints keyed by absolute path; an entry counts only while the file's
-    mtime and size and FINGERPRINT_VERSION still match. A cache that cannot be used (read-only
-    folder, damaged file, locked too long) only costs speed: it warns and the run goes on."""
+    """The fingerprints table of the cache file (utils.stat_cache): an entry counts only while the
+    file's mtime and size and FINGERPRINT_VERSION still match."""
 
-    _COLUMNS = "path, sha1, phash, width, height, grayscale, format, mode, error"
+    _COLUMNS = ("path", "sha1", "phash", "width", "height", "grayscale", "format", "mode", "error")
 
-    def __init__(self, connection: Optional[sqlite3.Connection]):
-        self.connection = connection
+    def __init__(self, table: StatCache):
+        self.table = table
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> FingerprintCache:
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(str(path), timeout=CACHE_TIMEOUT_S)
-            connection.execute(
-                "CREATE TABLE IF NOT EXISTS fingerprints (key TEXT PRIMARY KEY, mtime_ns INTEGER, size INTEGER, "
-                f"version INTEGER, {cls._COLUMNS})")
-            return cls(connection)
-        except (OSError, sqlite3.Error) as error:
-            warnings.warn(f"hash cache {path} not used ({error}); every image is hashed again", stacklevel=3)
-            return cls(None)
+        return cls(StatCache.open(path, "fingerprints", cls._COLUMNS, FINGERPRINT_VERSION, what="hash cache"))
 
     def lookup(self, paths: Sequence[str], stats: Sequence[Optional[tuple[int, int]]]) -> list[Optional[Fingerprint]]:
         """The cached fingerprint of each path, or None where there is none or the file changed."""
-        if self.connection is None:
-            return [None] * len(paths)
-        keys = [os.path.abspath(path) for path in paths]
-        try:
-            rows = self._rows(keys)
-        except sqlite3.Error as error:
-            self._give_up(error)
-            return [None] * len(paths)
-        result: list[Optional[Fingerprint]] = []
-        for path, key, stat in zip(paths, keys, stats):
-            row = rows.get(key)
-            fresh = row is not None and stat is not None and row[:3] == (*stat, FINGERPRINT_VERSION)
-            result.append(Fingerprint(path, *row[3:]) if fresh else None)  # type: ignore[index, arg-type]
-        return result
-
-    def _rows(self, keys: Sequence[str]) -> dict[str, tuple]:
-        """{key: (mtime_ns, size, version, sha1, ..., error)}, asked in chunks (SQLite caps the
-        number of parameters of one query) so a cache shared by many datasets is never read whole."""
-        columns = self._COLUMNS.replace("path, ", "")
-        rows = {}
-        for start in range(0, len(keys), 500):
-            chunk = keys[start:start + 500]
-            query = (f"SELECT key, mtime_ns, size, version, {columns} FROM fingerprints "
-                     f"WHERE key IN ({', '.join('?' * len(chunk))})")
-            for key, *values in self.connection.execute(query, chunk):  # type: ignore[union-attr]
-                values[7] = bool(values[7])  # grayscale is stored as 0/1
-                rows[key] = tuple(values)
-        return rows
+        rows = self.table.lookup(paths, stats)
+        return [None if row is None else Fingerprint(path, row[1], row[2], row[3], row[4], bool(row[5]), *row[6:])
+                for path, row in zip(paths, rows)]
 
     def store(self, entries: Sequence[tuple[Fingerprint, tuple[int, int]]]) -> None:
-        if self.connection is None or not entries:
-            return
-        rows = [(os.path.abspath(fp.path), *stat, FINGERPRINT_VERSION, *astuple(fp)) for fp, stat in entries]
-        try:
-            with self.connection:  # one transaction: all entries or none
-                self.connection.executemany(
-                    "INSERT OR REPLACE INTO fingerprints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        except sqlite3.Error as error:
-            self._give_up(error)
-
-    def _give_up(self, error: Exception) -> None:
-        warnings.warn(f"hash cache not used ({error}); every image is hashed again", stacklevel=3)
-        self.close()
+        self.table.store([(fp.path, stat, astuple(fp)) for fp, stat in entries])
 
     def close(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
+        self.table.close()
 
 
 # ----------------------------------------------------------------------------- pairs and groups

@@ -15,7 +15,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -29,6 +30,7 @@ HISTORY_FIELDS = [
 ]
 
 
+PLOT_INTERVAL_S = 10.0  # the curves are redrawn at most this often during training (and once at the end)
 MAX_RUNS_PER_SECOND = 1000  # name suffixes new_run_dir tries before it gives up (a bounded loop)
 
 
@@ -151,9 +153,13 @@ class History:
     memory and nothing is written or plotted (the ranks other than 0 under torchrun).
     """
 
-    def __init__(self, run_dir: Optional[Path], rows: Optional[list[dict]] = None):
+    def __init__(self, run_dir: Optional[Path], rows: Optional[list[dict]] = None,
+                 plot_interval_s: float = PLOT_INTERVAL_S, clock: Callable[[], float] = time.monotonic):
         self.path = run_dir / "history.csv" if run_dir is not None else None
         self.rows: list[dict] = list(rows or [])
+        self._plot_interval_s, self._clock = plot_interval_s, clock
+        self._changes = 0  # rows appended so far; the plots show _plotted_changes of them
+        self._plotted_changes, self._plotted_at = 0, clock()  # the first drawing comes an interval after the start
         self.write()
 
     def add_epoch(self, epoch: int, train_stats: dict, val: dict, note: str = "") -> dict:
@@ -169,25 +175,42 @@ class History:
         """Add (or replace) an epoch's row in memory; `write` puts it in history.csv."""
         row = {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
         self.rows = [r for r in self.rows if int(r["epoch"]) != int(row["epoch"])] + [row]
+        self._changes += 1
 
-    def write(self) -> None:
+    def write(self, rows: Optional[list[dict]] = None) -> None:
+        """Rewrite history.csv with `rows` (default: all rows so far). train.py hands the checkpoint
+        writer a copy of the rows taken when it saved last.pth, written once that file is on disk."""
         if self.path is None:
             return
         temp = self.path.with_suffix(".csv.tmp")
         with open(temp, "w", newline="", encoding="utf-8") as file:
             writer = csv.DictWriter(file, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(self.rows)
+            writer.writerows(self.rows if rows is None else rows)
         os.replace(temp, self.path)
 
     def column(self, name: str) -> list[float]:
         return [float(row[name]) if row.get(name) not in (None, "") else float("nan") for row in self.rows]
 
+    def plot_if_due(self, plot_dir: Path, final: bool = False) -> bool:
+        """Redraw the curves unless they were drawn less than `plot_interval_s` ago, or the run
+        started less than that ago (importing matplotlib and drawing three PNGs costs seconds on a
+        small CPU, as much as many training steps); `final`: redraw whenever a row came since the
+        last drawing. Returns whether it drew."""
+        if self._plotted_changes == self._changes:
+            return False
+        if not final and self._clock() - self._plotted_at < self._plot_interval_s:
+            return False
+        self.plot(plot_dir)
+        self._plotted_changes, self._plotted_at = self._changes, self._clock()
+        return True
+
     def plot(self, plot_dir: Path) -> None:
         """loss.png, accuracy.png and lr.png from the rows so far."""
         if not self.rows or self.path is None:
             return
-        from matplotlib.figure import Figure  # only when plotting: infer.py writes files without it
+        # imported when first drawn: a bad flag, or infer.py writing only files, never pays for matplotlib
+        from matplotlib.figure import Figure
 
         epochs = self.column("epoch")
         for file_name, title, series in (

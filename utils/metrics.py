@@ -17,25 +17,11 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from matplotlib.figure import Figure
-from torchmetrics import CatMetric, MeanMetric, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
-from torchmetrics.functional.classification import (
-    multiclass_auroc,
-    multiclass_average_precision,
-    multiclass_calibration_error,
-    multiclass_precision_recall_curve,
-    multiclass_roc,
-)
 
 # Metric names as they appear in history.csv, checkpoints and --best_metric.
 METRIC_NAMES = ("loss", "top1", "top5", "precision", "recall", "f1", "auroc", "ece")
+# torchmetrics (with scipy) and matplotlib take seconds to import on a small CPU: they are imported
+# where first used, so that a script stopping on a bad flag or folder answers at once.
 ECE_BINS = 15  # the usual choice (Guo et al. 2017, "On Calibration of Modern Neural Networks")
 
 
@@ -52,6 +38,8 @@ def to_log_probs(scores: torch.Tensor) -> torch.Tensor:
 
 def calibration_error(log_probs: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> float:
     """Expected calibration error (15 equal-width confidence bins, torchmetrics) of softmax(log_probs / T)."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
     probs = (log_probs / temperature).softmax(1)
     return float(multiclass_calibration_error(probs, targets, log_probs.shape[1], n_bins=ECE_BINS, norm="l1"))
 
@@ -64,6 +52,15 @@ class ClassificationMetrics:
     """
 
     def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
+        from torchmetrics import CatMetric, MeanMetric, MetricCollection
+        from torchmetrics.classification import (
+            MulticlassAccuracy,
+            MulticlassConfusionMatrix,
+            MulticlassF1Score,
+            MulticlassPrecision,
+            MulticlassRecall,
+        )
+
         self.num_classes = num_classes
         scores = {
             "top1": MulticlassAccuracy(num_classes, average="micro"),
@@ -101,6 +98,8 @@ class ClassificationMetrics:
         result = {name: float(value) for name, value in values.items()}
         result["count"] = int(confusion.sum())
         if result["count"] and ranking:
+            from torchmetrics.functional.classification import multiclass_auroc
+
             log_probs, targets = self.outputs()
             result["auroc"] = float(multiclass_auroc(log_probs.softmax(1), targets, self.num_classes, average="macro"))
             result["ece"] = calibration_error(log_probs, targets)
@@ -175,6 +174,8 @@ def plot_confusion_matrix(
     """Counts and row-normalised (recall) side by side, saved as a PNG."""
     counts = confusion.double()
     normalised = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    from matplotlib.figure import Figure
+
     size = min(24, 3 + 0.45 * len(class_names))
     fig = Figure(figsize=(2 * size + 2, size))  # no pyplot: works headless and in threads
     axes = fig.subplots(1, 2)
@@ -205,6 +206,13 @@ def plot_curves(log_probs: torch.Tensor, targets: torch.Tensor, class_names: Seq
                 suffix: str = "", title: str = "", temperature: float = 1.0) -> list[Path]:
     """roc{suffix}.png, pr{suffix}.png (one-vs-rest per class, AUC / average precision in the
     legend) and reliability{suffix}.png (before and after temperature scaling) in `folder`."""
+    from torchmetrics.functional.classification import (
+        multiclass_auroc,
+        multiclass_average_precision,
+        multiclass_precision_recall_curve,
+        multiclass_roc,
+    )
+
     folder = Path(folder)
     num_classes = len(class_names)
     probs = (log_probs / temperature).softmax(1)
@@ -223,6 +231,8 @@ def plot_curves(log_probs: torch.Tensor, targets: torch.Tensor, class_names: Seq
 
 def _plot_per_class(path: Path, curves: list, areas: torch.Tensor, class_names: Sequence[str],
                     labels: tuple[str, str, str], title: str) -> None:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7, 6))
     axis = fig.subplots()
     for (x, y), area, name in zip(curves, areas.tolist(), class_names):
@@ -255,6 +265,8 @@ def reliability_bins(probs: torch.Tensor, targets: torch.Tensor, bins: int = ECE
 def plot_reliability(log_probs: torch.Tensor, targets: torch.Tensor, path: str | os.PathLike,
                      temperature: float = 1.0, title: str = "") -> None:
     """Accuracy against confidence per bin: a calibrated model stays on the diagonal."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6, 6))
     axis = fig.subplots()
     axis.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfectly calibrated")
