@@ -61,7 +61,16 @@ def test_filters_sorting_row_and_confusion_clicks(qtbot, open_window, test_dir):
     panel.mistakes_box.click()
     assert [item.path for item in panel.visible_items()] == mistakes
     assert panel.count_label.text() == f"{len(mistakes)} of {len(items)} images shown"
+    # with a filter on, Home/Next/End walk the filtered rows only (the mistakes), not the whole run
+    press(qtbot, window, Qt.Key_Home)
+    assert window.current == (items.index(next(i for i in items if i.path == mistakes[0])) if mistakes else 0)
+    press(qtbot, window, Qt.Key_End)
+    if mistakes:
+        assert items[window.current].path == mistakes[-1] and not window.next_button.isEnabled()
+        press(qtbot, window, Qt.Key_Left)
+        assert items[window.current].path == mistakes[max(0, len(mistakes) - 2)]
     panel.mistakes_box.click()
+    assert window.next_button.isEnabled()  # the whole run again
     # a class (predicted or true), then confidence below X on top of it
     panel.class_combo.setCurrentIndex(names.index("3") + 1)
     of_three = [i for i in items if "3" in (names[i.predicted_index], names[i.true_index])]
@@ -85,8 +94,8 @@ def test_filters_sorting_row_and_confusion_clicks(qtbot, open_window, test_dir):
     chosen = panel.visible_items()[5]
     assert window.current == items.index(chosen) and window.current_label.text().startswith("[")
     assert Path(chosen.path).name in window.current_label.text()
-    press(qtbot, window, Qt.Key_Right)
-    assert window.current == items.index(chosen) + 1
+    press(qtbot, window, Qt.Key_Right)  # sorted by a column: Next walks the table's order
+    assert items[window.current] is panel.visible_items()[6]
     assert panel.visible_items()[panel.table.currentIndex().row()] is items[window.current]  # the table follows
 
     # a confusion-matrix cell lists exactly its images; Clear filter brings every row back

@@ -313,6 +313,7 @@ class ResultsPanel(QWidget):
         self.below_spin.setValue(0.5)
         self.below_spin.setFocusPolicy(Qt.ClickFocus)  # typing needs the arrows; the window takes them back on Enter
         self.class_combo = QComboBox()
+        self.class_combo.setSizeAdjustPolicy(QComboBox.AdjustToContents)  # "All classes" unclipped
         self.class_combo.setToolTip(t("filter_class_tip"))
         self.cell_label = QLabel()
         self.clear_button = QPushButton(t("filter_clear"))
@@ -437,6 +438,17 @@ class ResultsPanel(QWidget):
             self.table.scrollTo(index)
         finally:
             self._following = False
+
+    def table_order(self) -> Optional[list[int]]:
+        """The readable images in the table's order while a filter or a sort by a column is on (so
+        Next/Previous walk, say, the mistakes or the least confident first); None otherwise."""
+        proxy = self.proxy
+        filtering = proxy.mistakes_only or proxy.unreadable_only or proxy.class_index is not None \
+            or proxy.below is not None or proxy.cell is not None
+        if not filtering and proxy.sortColumn() in (-1, THUMBNAIL):  # the thumbnail column sorts by run order
+            return None
+        rows = (self.model.shown_index[proxy.mapToSource(proxy.index(row, 0)).row()] for row in range(proxy.rowCount()))
+        return [shown for shown in rows if shown >= 0]
 
     def visible_items(self) -> list[ImagePrediction]:
         """The rows as the table shows them: filtered and sorted."""

@@ -205,6 +205,9 @@ class ViewerWindow(QMainWindow):
         self.confusion_view = ConfusionView(self.text)
         self.confusion_view.cell_chosen.connect(lambda true, predicted: self.results_panel.set_cell((true, predicted)))
         self.class_chart = PerClassBars(self.text)
+        proxy = self.results_panel.proxy  # a filter or sort changes what Previous/Next can reach
+        for signal in (proxy.layoutChanged, proxy.modelReset, proxy.rowsInserted, proxy.rowsRemoved):
+            signal.connect(lambda *_: self.update_controls())
 
     @staticmethod
     def _text_panel() -> QPlainTextEdit:
@@ -353,8 +356,8 @@ class ViewerWindow(QMainWindow):
         self.run_button.setText(self.text("stopping" if self.stopping else "run" if idle else "stop"))
         self.run_button.setEnabled(not self.stopping and (self.running or bool(
             (self.model_info or self.loading_checkpoint) and self.image_dir)))
-        self.previous_button.setEnabled(self.current > 0)
-        self.next_button.setEnabled(self.current + 1 < len(self.predictions))
+        self.previous_button.setEnabled(self.step_target(-1) is not None)
+        self.next_button.setEnabled(self.step_target(1) is not None)
         self.autoplay_button.setEnabled(bool(self.predictions) or self.running)
         self.pause_button.setEnabled(self.running or self.autoplaying)
         self.pause_button.setText(self.text("resume" if self.paused else "pause"))
@@ -756,17 +759,41 @@ class ViewerWindow(QMainWindow):
         colour = "#1e8e3e" if correct else "#d93025"
         self.verdict_label.setStyleSheet(f"color: {colour}; font-weight: bold; font-size: 16px;")
 
+    def step_target(self, step: int) -> Optional[int]:
+        """The image `step` places from the shown one: in the results table's order while a filter or
+        a sort is on there (Next walks the mistakes only), else in run order; None past either end."""
+        order = self.results_panel.table_order()
+        if order is None:
+            target = self.current + step
+            return target if 0 <= target < len(self.predictions) else None
+        if self.current in order:
+            position = order.index(self.current)
+        else:  # the shown image is filtered out: Next goes to the first row, Previous to the last
+            position = -1 if step > 0 else len(order)
+        target = position + step
+        return order[target] if 0 <= target < len(order) else None
+
+    def _show_target(self, target: Optional[int]) -> None:
+        if target is not None:
+            self.show_index(target)
+
     def show_next(self) -> None:
-        self.show_index(self.current + 1)
+        self._show_target(self.step_target(1))
 
     def show_previous(self) -> None:
-        self.show_index(self.current - 1)
+        self._show_target(self.step_target(-1))
 
     def show_first(self) -> None:
-        self.show_index(0)
+        order = self.results_panel.table_order()
+        if order is None:
+            order = range(len(self.predictions))
+        self._show_target(order[0] if order else None)
 
     def show_last(self) -> None:
-        self.show_index(len(self.predictions) - 1)
+        order = self.results_panel.table_order()
+        if order is None:
+            order = range(len(self.predictions))
+        self._show_target(order[-1] if order else None)
 
     # ---- autoplay and pause
     def _apply_interval(self) -> None:
@@ -785,8 +812,9 @@ class ViewerWindow(QMainWindow):
         self.update_controls()
 
     def _autoplay_step(self) -> None:
-        if self.current + 1 < len(self.predictions):
-            self.show_next()
+        target = self.step_target(1)
+        if target is not None:
+            self.show_index(target)
         elif not self.running:
             self.set_autoplay(False)
             self.log(self.text("log_autoplay_end"))
