@@ -34,7 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_dir", "--image-dir", default=None,
                         help="folder of images (sub-folders included); images in a folder named after a class count toward the metrics")
     parser.add_argument("--save_dir", "--save-dir", default=None,
-                        help="existing folder for annotated images and for Record's predictions.csv and log")
+                        help="existing folder for annotated images and for Record's files (predictions.csv/.json, per_class.csv, log)")
     parser.add_argument("--title", default=None, help="window title; default: the checkpoint's model and classes")
     parser.add_argument("--lang", choices=LANGUAGES, default="en", help="language of the window's text")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
