@@ -372,7 +372,7 @@ def test_closing_during_a_run_asks_first(qtbot, open_window, test_dir):
     assert len(window.predictions) < len(list_images(test_dir))
 
 
-def test_chinese_text(qtbot, open_window, tmp_path):
+def test_chinese_text(qtbot, open_window, tmp_path, test_dir):
     window = open_window(lang="zh", title="数字识别")
     zh = Text("zh")
     assert window.windowTitle() == "数字识别"
@@ -384,6 +384,15 @@ def test_chinese_text(qtbot, open_window, tmp_path):
     assert window.class_table.horizontalHeaderItem(0).text() == zh("column_class")
     question = QMessageBox(QMessageBox.Question, "", "", QMessageBox.Yes | QMessageBox.No)
     assert question.button(QMessageBox.Yes).text() == "是(&Y)"  # Qt's own texts, from its qtbase_zh_CN
+    # a run in Chinese: the results table speaks it too; the screenshot for docs/zh-CN (UPDATE_SCREENSHOT=1)
+    assert window.set_image_dir(str(test_dir))
+    run_to_end(qtbot, window)
+    count = len(window.predictions)
+    assert window.results_panel.count_label.text() == zh("shown_count", shown=count, total=count)
+    window.show_index(next((i for i, p in enumerate(window.predictions) if p.correct is False), 0))
+    screenshot = README_SCREENSHOT.with_name("ui_screenshot_zh.png") if os.environ.get("UPDATE_SCREENSHOT") == "1" \
+        else tmp_path / "ui_screenshot_zh.png"
+    assert window.grab().save(str(screenshot)) and screenshot.stat().st_size > 10_000
     install_qt_translation("en")
 
 
