@@ -8,7 +8,7 @@ digits demo and two harder variants of it made here:
 Every run is `train.py` itself (in this process, --quiet), so the numbers are what a user gets.
 The table gives test accuracy of best.pth (mean +- std over the seeds) and wall time per run.
 
-    python bench/bench_recipe.py                 # 3 seeds, 10 epochs: about an hour on 2 CPU cores
+    python bench/bench_recipe.py --threads 1     # 3 seeds, 6 epochs, 72 runs: ~55 CPU-minutes (bench/RESULTS.md)
     python bench/bench_recipe.py --quick --threads 1  # 2 seeds, 2 epochs, 8 cells: ~16 min on a busy 2-core box
     python bench/bench_recipe.py --out table.md  # also write the table to a file
 """
@@ -118,7 +118,7 @@ def main() -> None:
                         help="torch intra-op threads (default: torch's); 1 on a shared machine, where a waiting "
                              "thread team spins")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3; 2 with --quick)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 10; 3 with --quick)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 6; 2 with --quick)")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     parser.add_argument("--options", nargs="+", default=None, metavar="NAME",
@@ -126,7 +126,7 @@ def main() -> None:
                              "ema 'mixup 0.2'); to split the ablation over several processes or sessions")
     options = parser.parse_args()
     seeds = options.seeds or (2 if options.quick else 3)
-    epochs = options.epochs or (2 if options.quick else 10)
+    epochs = options.epochs or (2 if options.quick else 6)
     names = QUICK_OPTIONS if options.quick else list(OPTIONS)
     if options.options:
         unknown = sorted(set(options.options) - {name.lstrip("-") for name in names})
