@@ -287,9 +287,9 @@ def run_training(argv: list[str] | None, new_run_folders: list[Path]) -> dict:
     if args.dataset_path is None:
         use_digits_demo(args, announce=main_process and not args.quiet)
     args.epochs = args.epochs or 30
+    cache_dir = resolve_cache_dir(args.cache, args.cache_dir, args.log_dir, args.dataset_path)  # before any write
     scan = scan_dataset(args.dataset_path, args.val_ratio, args.test_ratio, args.seed,  # header checks cached
                         check_cache=hash_cache_path(args.log_dir, args.dataset_path) if main_process else None)
-    cache_dir = resolve_cache_dir(args.cache, args.cache_dir, args.log_dir, args.dataset_path)  # before any write
     class_names = check_dataset(args, scan)  # the same on every rank; two classes or more; --num_classes agrees
     check_model_name(args.model)
     start = starting_point(args, resume, class_names)  # preprocessing and weights: the checkpoint's when resuming

@@ -3,7 +3,9 @@ dataset_report.txt (--no_audit skips it), and split_dataset.py keeps a near-dupl
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import sqlite3
 from pathlib import Path
 
 import cv2
@@ -68,7 +70,11 @@ def test_no_audit_skips_the_check(leaky_tree, tmp_path):
     assert result.returncode == 0, result.stderr
     report = (_only_run(tmp_path) / "dataset_report.txt").read_text(encoding="utf-8")
     assert "Classes (2)" in report and "Leakage check" not in report and copy not in report
-    assert not (tmp_path / ".cache").exists()  # no image was hashed
+    cache = tmp_path / ".cache" / "image_hashes.sqlite"  # it holds the pre-scan's header checks now
+    if cache.exists():  # but no image was hashed
+        with contextlib.closing(sqlite3.connect(cache)) as connection:
+            tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            assert "fingerprints" not in tables or not connection.execute("SELECT COUNT(*) FROM fingerprints").fetchone()[0]
 
 
 def test_split_dataset_keeps_a_near_duplicate_pair_in_one_split(tmp_path):

@@ -335,6 +335,7 @@ def test_saver_keeps_the_validated_weights_in_best_and_the_trained_ones_in_last(
     saver = CheckpointSaver(tmp_path, {"model": "tiny", "class_names": ["a", "b"], "preprocess": {}, "args": {}})
     saver.save_epoch(trained, 1, _metrics(0.5, 1.0), lambda: {"ema": {"state_dict": averaged.state_dict()}},
                      evaluated=averaged)
+    saver.close()  # the files are written in the background: wait for them
     best, last = (torch.load(tmp_path / name, weights_only=True) for name in ("best.pth", "last.pth"))
     assert torch.equal(best["state_dict"]["weight"], averaged.weight)
     assert torch.equal(last["state_dict"]["weight"], trained.weight)
