@@ -439,16 +439,32 @@ class ResultsPanel(QWidget):
         finally:
             self._following = False
 
-    def table_order(self) -> Optional[list[int]]:
-        """The readable images in the table's order while a filter or a sort by a column is on (so
-        Next/Previous walk, say, the mistakes or the least confident first); None otherwise."""
+    def uses_table_order(self) -> bool:
+        """Whether Next/Previous follow the table: while a filter or a sort by a column is on (so they
+        walk, say, the mistakes, or the least confident first)."""
         proxy = self.proxy
         filtering = proxy.mistakes_only or proxy.unreadable_only or proxy.class_index is not None \
             or proxy.below is not None or proxy.cell is not None
-        if not filtering and proxy.sortColumn() in (-1, THUMBNAIL):  # the thumbnail column sorts by run order
-            return None
-        rows = (self.model.shown_index[proxy.mapToSource(proxy.index(row, 0)).row()] for row in range(proxy.rowCount()))
-        return [shown for shown in rows if shown >= 0]
+        return filtering or proxy.sortColumn() not in (-1, THUMBNAIL)  # the thumbnail column sorts by run order
+
+    def step_from(self, shown: int, step: int) -> Optional[int]:
+        """The readable image `step` rows from readable image `shown` in the table's order (from before
+        the first row, or after the last, when `shown` is not in the table: -1 gives the first or the
+        last row); None past either end. Cheap: the proxy maps one row, not the whole table."""
+        proxy, model = self.proxy, self.model
+        row = -1
+        if 0 <= shown < len(model.readable_rows):
+            index = proxy.mapFromSource(model.index(model.readable_rows[shown], 0))
+            row = index.row() if index.isValid() else -1
+        if row < 0:
+            row = -1 if step > 0 else proxy.rowCount()
+        row += step
+        while 0 <= row < proxy.rowCount():  # unreadable rows have no picture to show: skipped
+            image = model.shown_index[proxy.mapToSource(proxy.index(row, 0)).row()]
+            if image >= 0:
+                return image
+            row += step
+        return None
 
     def visible_items(self) -> list[ImagePrediction]:
         """The rows as the table shows them: filtered and sorted."""

@@ -762,16 +762,10 @@ class ViewerWindow(QMainWindow):
     def step_target(self, step: int) -> Optional[int]:
         """The image `step` places from the shown one: in the results table's order while a filter or
         a sort is on there (Next walks the mistakes only), else in run order; None past either end."""
-        order = self.results_panel.table_order()
-        if order is None:
-            target = self.current + step
-            return target if 0 <= target < len(self.predictions) else None
-        if self.current in order:
-            position = order.index(self.current)
-        else:  # the shown image is filtered out: Next goes to the first row, Previous to the last
-            position = -1 if step > 0 else len(order)
-        target = position + step
-        return order[target] if 0 <= target < len(order) else None
+        if self.results_panel.uses_table_order():
+            return self.results_panel.step_from(self.current, step)
+        target = self.current + step
+        return target if 0 <= target < len(self.predictions) else None
 
     def _show_target(self, target: Optional[int]) -> None:
         if target is not None:
@@ -784,16 +778,16 @@ class ViewerWindow(QMainWindow):
         self._show_target(self.step_target(-1))
 
     def show_first(self) -> None:
-        order = self.results_panel.table_order()
-        if order is None:
-            order = range(len(self.predictions))
-        self._show_target(order[0] if order else None)
+        if self.results_panel.uses_table_order():
+            self._show_target(self.results_panel.step_from(-1, 1))
+        else:
+            self._show_target(0 if self.predictions else None)
 
     def show_last(self) -> None:
-        order = self.results_panel.table_order()
-        if order is None:
-            order = range(len(self.predictions))
-        self._show_target(order[-1] if order else None)
+        if self.results_panel.uses_table_order():
+            self._show_target(self.results_panel.step_from(-1, -1))
+        else:
+            self._show_target(len(self.predictions) - 1 if self.predictions else None)
 
     # ---- autoplay and pause
     def _apply_interval(self) -> None:

@@ -163,6 +163,8 @@ class InferenceWorker(QObject):
             self.load_failed.emit(path, f"{type(error).__name__}: {error}")
             return
         self.predictor = predictor  # replaced only once the new one loaded: a bad file keeps the old model
+        import torchmetrics.classification  # noqa: F401  (here, not in the window's thread at its first batch: ~1 s)
+
         self.loaded.emit(self._describe(path, predictor))
 
     def _describe(self, path: str, predictor: Predictor) -> ModelInfo:
