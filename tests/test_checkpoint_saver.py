@@ -15,6 +15,7 @@ import models.pretrained as pretrained
 import train
 from models.registry import create_model
 from utils.checkpoint import BackgroundWriter, CheckpointSaver, load_checkpoint, save_checkpoint
+from utils.errors import UsageError
 from utils.logger import History
 
 RECORD = {"model": "tiny", "class_names": ["a", "b"], "preprocess": {"input_size": [8, 8]}, "args": {}}
@@ -107,10 +108,10 @@ def test_a_failed_background_write_is_raised_on_the_training_thread(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     saver = CheckpointSaver(tmp_path / "a_file" / "run", RECORD)
     saver.save_start(nn.Linear(2, 2), {})  # returns at once: the error happens in the writer thread
-    with pytest.raises(OSError):
+    with pytest.raises(UsageError, match="Not a directory"):  # one line for the user, naming the file
         saver.save_epoch(nn.Linear(2, 2), 1, _metrics(0.5, 1.0), dict)  # ... and comes back here
     saver.save_start(nn.Linear(2, 2), {})
-    with pytest.raises(OSError):
+    with pytest.raises(UsageError, match="a_file/run"):
         saver.close()
 
 
@@ -199,3 +200,18 @@ def test_resume_of_a_pretrained_run_keeps_the_weights_recipe(tmp_path, local_ima
     assert resumed["epoch"] == 2 and resumed["preprocess"] == first["preprocess"]
     assert resumed["pretrained"] == first["pretrained"] and resumed["model_kwargs"] == first["model_kwargs"]
     assert [row["epoch"] for row in resumed["history"]] == [1, 2]
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_checkpoint_that_cannot_be_written_is_one_line_naming_the_file(tmp_path, background):
+    """A folder that turns read-only (or a full disk) mid-run: the failed write comes back as a
+    UsageError (run_cli prints one line, exit 2) naming the file, in the background writer and without."""
+    writer = BackgroundWriter(background)
+
+    def write() -> None:
+        raise PermissionError(1, "Operation not permitted", str(tmp_path / ".last.pth.1234.tmp"))
+
+    with pytest.raises(UsageError, match=r"cannot write the checkpoint .*\.last\.pth\.1234\.tmp: Operation not permitted"):
+        writer.submit(write)
+        writer.flush()
+    writer.close()

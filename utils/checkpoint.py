@@ -307,6 +307,18 @@ def detached_copy(value: Any) -> Any:
     return value
 
 
+def _one_line_on_os_error(write: Callable[[], object]) -> None:
+    """A checkpoint that cannot be written (the folder turned read-only, the disk is full) ends the
+    run with one line naming the file, not a traceback; the files written before stay complete."""
+    try:
+        write()
+    except OSError as error:
+        where = f" {error.filename}" if error.filename else ""
+        raise UsageError(f"cannot write the checkpoint{where}: {error.strerror or error}; the files saved "
+                         "before are complete (resume from last.pth with --resume auto once it can be "
+                         "written)") from None
+
+
 class BackgroundWriter:
     """Runs write jobs one at a time in one background thread, at most one waiting or running.
 
@@ -322,7 +334,7 @@ class BackgroundWriter:
     def submit(self, job: Callable[[], None]) -> None:
         self.flush()
         if self._pool is None:
-            job()
+            _one_line_on_os_error(job)
         else:
             self._pending = self._pool.submit(job)
 
@@ -330,7 +342,7 @@ class BackgroundWriter:
         """Wait for the job in progress; re-raise its error here."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            pending.result()
+            _one_line_on_os_error(pending.result)
 
     def close(self) -> None:
         """Flush, then end the thread (a closed writer runs later jobs in the caller)."""
