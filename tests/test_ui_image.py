@@ -17,15 +17,10 @@ from conftest import run_script, write_image
 from PyQt5.QtCore import QEvent, QPoint, QPointF, Qt
 from PyQt5.QtGui import QMouseEvent, QWheelEvent
 from PyQt5.QtWidgets import QApplication
-from test_ui import press, run_to_end
+from test_ui import checkpoint, open_window, press, run_to_end  # noqa: F401  (fixtures and helpers)
 
 from ui_classification.image_view import GRID_MIN_PIXELS, ZOOM_STEP
 from ui_classification.window import ViewerOptions, ViewerWindow
-
-
-@pytest.fixture(scope="module")
-def checkpoint(trained_run) -> str:
-    return str(trained_run / "best.pth")
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +35,14 @@ def tiny_images(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
 
 
 @pytest.fixture
-def viewer(qtbot, checkpoint):
-    windows = []
-
+def viewer(open_window):  # noqa: F811
+    """test_ui's open_window, which must have loaded the model."""
     def open_(**options) -> ViewerWindow:
-        window = ViewerWindow(ViewerOptions(weights=checkpoint, device="cpu", **options))
-        qtbot.addWidget(window)
-        window.show()
-        windows.append(window)
-        qtbot.waitUntil(lambda: window.model_info is not None or window.last_message is not None, timeout=60_000)
+        window = open_window(**options)
         assert window.model_info is not None, window.last_message
         return window
 
-    yield open_
-    for window in windows:
-        window.shutdown()
+    return open_
 
 
 def rendered(view):
@@ -247,7 +235,7 @@ def test_min_confidence_answers_unknown_and_counts_as_infer_does(qtbot, viewer, 
     assert sorted(row["path"] for row in rows if row["status"] == "unknown") == sorted(i.path for i in by_hand)
 
 
-def test_min_confidence_auto_reads_the_checkpoint_and_bad_values_are_refused(viewer, checkpoint):
+def test_min_confidence_auto_reads_the_checkpoint_and_bad_values_are_refused(viewer, checkpoint):  # noqa: F811
     stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
     window = viewer(min_confidence="auto")
     suggested = stored.get("suggested_min_confidence")
