@@ -72,10 +72,6 @@ class ImageView(QGraphicsView):
             self.fit()
         self._update_rendering()
 
-    def set_image(self, image: QImage) -> None:
-        """A picture without a caption."""
-        self.set_picture(QImage(), image)
-
     def set_placeholder(self, text: str) -> None:
         self.bar_item.setPixmap(QPixmap())
         self.source = QPixmap()
