@@ -18,6 +18,7 @@ from typing import Optional
 
 from utils.cli import run_cli
 from utils.errors import UsageError
+from utils.memory import keep_freed_memory
 
 HASH_CACHE_NAME = "image_hashes.sqlite"  # = utils.image_hash.HASH_CACHE_NAME (shared with train.py); not imported: that loads torch before the checks
 
@@ -145,4 +146,5 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    keep_freed_memory()  # glibc keeps the memory a batch frees for the next one (utils/memory.py)
+    run_cli(main, skip_teardown=True)

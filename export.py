@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Optional
 from inference.inputs import add_bare_state_dict_args
 from utils.cli import run_cli
 from utils.errors import UsageError
+from utils.memory import keep_freed_memory
 
 if TYPE_CHECKING:
     import numpy as np
@@ -177,4 +178,5 @@ def report_int8(fp32_path: Path, check: CheckImages) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    keep_freed_memory()  # glibc keeps the memory a batch frees for the next one (utils/memory.py)
+    run_cli(main, skip_teardown=True)

@@ -10,6 +10,8 @@ import sys
 
 from ui_classification.app import main
 from utils.cli import run_cli
+from utils.memory import keep_freed_memory
 
 if __name__ == "__main__":
+    keep_freed_memory()  # glibc keeps the memory a batch frees for the next one (utils/memory.py)
     run_cli(lambda: sys.exit(main()))

@@ -87,6 +87,7 @@ from utils.logger import (
     write_json,
 )
 from utils.losses import LOSSES, create_criterion
+from utils.memory import keep_freed_memory
 from utils.metrics import (
     calibration_error,
     format_metrics,
@@ -838,4 +839,5 @@ def calibrate(saver: CheckpointSaver, log_probs: torch.Tensor, targets: torch.Te
 
 
 if __name__ == "__main__":
-    run_cli(main, describe_peer_failure)
+    keep_freed_memory()  # glibc keeps the memory a batch frees for the next one (utils/memory.py)
+    run_cli(main, describe_peer_failure, skip_teardown=True)

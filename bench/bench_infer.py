@@ -63,6 +63,7 @@ from inference.predictor import PathDataset, Predictions, Predictor  # noqa: E40
 from models.registry import create_model  # noqa: E402
 from utils.checkpoint import CHECKPOINT_FORMAT, save_checkpoint  # noqa: E402
 from utils.data import read_rgb  # noqa: E402
+from utils.memory import keep_freed_memory  # noqa: E402
 from utils.transforms import Preprocess, normalize_batch  # noqa: E402
 from utils.visualize import save_rgb  # noqa: E402
 
@@ -256,11 +257,28 @@ def bench_whole_processes(args: argparse.Namespace) -> dict[str, float]:
             paths = make_photos(folder, count, size, seed=index, labelled=True)
             checkpoint = make_checkpoint(root / f"model_{index}.pth", model, side)
             prepared[name] = {"folder": folder, "paths": paths, "checkpoint": checkpoint}
+        malloc_gain(prepared, args)  # then this process keeps freed memory too, as infer.py does
         samples: dict[str, list[dict]] = {name: [] for name in prepared}
         for round_index in range(args.rounds):
             for name, case in prepared.items():
                 samples[name].append(whole_process_round(case, args, root / "results", round_index % 2 == 0))
     return print_whole_processes(samples, args)
+
+
+def malloc_gain(prepared: dict[str, dict], args: argparse.Namespace) -> None:
+    """The forward ceiling of each case with glibc's default malloc, then with utils/memory.py's
+    settings (which infer.py and train.py apply at start). Applies them to this process, so the
+    ceilings of the rounds that follow are measured as infer.py runs."""
+    before = {name: forward_ceiling(case["checkpoint"], case["paths"], args.batch_size, 4)
+              for name, case in prepared.items()}
+    if not keep_freed_memory():
+        print("malloc: not glibc, nothing changed\n")
+        return
+    for name, case in prepared.items():
+        after = forward_ceiling(case["checkpoint"], case["paths"], args.batch_size, 4)
+        print(f"Forward ceiling, {name}: {before[name]:.1f} images/s with glibc's default malloc, "
+              f"{after:.1f} keeping freed memory (utils/memory.py): {after / before[name]:.2f}x")
+    print()
 
 
 def print_whole_processes(samples: dict[str, list[dict]], args: argparse.Namespace) -> dict[str, float]:

@@ -56,6 +56,7 @@ from utils.data import ImageDataset, available_cores, create_dataloader, default
 from utils.demo import make_digits_dataset
 from utils.device import default_channels_last
 from utils.engine import StepSettings, train_one_epoch
+from utils.memory import keep_freed_memory
 from utils.optim import create_optimizer, create_scheduler
 from utils.transforms import Preprocess, build_train_transform, normalize_batch
 
@@ -333,8 +334,9 @@ def _target_line(name: str, ratios: list[float], target: float) -> str:
 def main() -> None:
     args = get_args()
     started = time.perf_counter()
-    print(f"bench_train: {'quick' if args.quick else 'full'} run on {available_cores()} cores, workers {args.workers}",
-          flush=True)
+    kept = keep_freed_memory()  # as train.py does: every contender in this process runs with it
+    print(f"bench_train: {'quick' if args.quick else 'full'} run on {available_cores()} cores, workers {args.workers}; "
+          f"malloc keeps freed memory (utils/memory.py): {'yes' if kept else 'no, not glibc'}", flush=True)
     peak = matmul_peak_gflops()
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         if args.whole_run != "only":

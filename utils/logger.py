@@ -30,7 +30,8 @@ HISTORY_FIELDS = [
 ]
 
 
-PLOT_INTERVAL_S = 10.0  # the curves are redrawn at most this often during training (and once at the end)
+PLOT_INTERVAL_S = 30.0  # the curves are redrawn at most this often during training (and once at the end);
+# a drawing costs about 0.4 s on 2 cores: every 10 s took 4% of a 35-second run (bench/RESULTS.md)
 MAX_RUNS_PER_SECOND = 1000  # name suffixes new_run_dir tries before it gives up (a bounded loop)
 
 

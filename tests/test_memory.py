@@ -1,0 +1,57 @@
+"""utils.memory.keep_freed_memory: a forward pass stops paying page faults for memory it just freed.
+
+Counted, not timed: minor page faults (each a 4 KB page the kernel hands over and zeroes) over
+five forward passes of a small conv net, in fresh processes with and without the setting.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+FORWARD_FAULTS = textwrap.dedent("""
+    import resource, sys
+    sys.path.insert(0, sys.argv[2])
+    import torch
+    from utils.memory import keep_freed_memory
+    if sys.argv[1] == "keep":
+        assert keep_freed_memory()
+    torch.set_num_threads(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU())
+    images = torch.rand(8, 3, 112, 112)  # activations of 6.4 MB, as a batch of photos has
+    with torch.inference_mode():
+        net(images)  # the first pass may fault: the memory is new
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            net(images)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+""")
+
+
+def forward_faults(mode: str) -> float:
+    result = subprocess.run([sys.executable, "-c", FORWARD_FAULTS, mode, str(REPO)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return float(result.stdout)
+
+
+def glibc() -> bool:
+    import platform
+
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not glibc(), reason="the setting is glibc's; other C libraries are left as they are")
+def test_freed_activations_are_reused_instead_of_faulted_in_again():
+    default, kept = forward_faults("default"), forward_faults("keep")
+    # measured: about 5,000 faults per pass by default (the activations, every time), about 300 kept
+    assert default > 1000
+    assert kept < default / 4, (default, kept)
+
