@@ -272,7 +272,7 @@ def malloc_gain(prepared: dict[str, dict], args: argparse.Namespace) -> None:
     before = {name: forward_ceiling(case["checkpoint"], case["paths"], args.batch_size, 4)
               for name, case in prepared.items()}
     if not keep_freed_memory():
-        print("malloc: not glibc, nothing changed\n")
+        print("malloc left as it is (not glibc, or the environment sets MALLOC_*_ or GLIBC_TUNABLES)\n")
         return
     for name, case in prepared.items():
         after = forward_ceiling(case["checkpoint"], case["paths"], args.batch_size, 4)

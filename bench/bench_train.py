@@ -336,7 +336,7 @@ def main() -> None:
     started = time.perf_counter()
     kept = keep_freed_memory()  # as train.py does: every contender in this process runs with it
     print(f"bench_train: {'quick' if args.quick else 'full'} run on {available_cores()} cores, workers {args.workers}; "
-          f"malloc keeps freed memory (utils/memory.py): {'yes' if kept else 'no, not glibc'}", flush=True)
+          f"malloc keeps freed memory (utils/memory.py): {'yes' if kept else 'no (not glibc, or set by the environment)'}", flush=True)
     peak = matmul_peak_gflops()
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         if args.whole_run != "only":

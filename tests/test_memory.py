@@ -22,6 +22,8 @@ FORWARD_FAULTS = textwrap.dedent("""
     from utils.memory import keep_freed_memory
     if sys.argv[1] == "keep":
         assert keep_freed_memory()
+    if sys.argv[1] == "user_tuned":
+        assert not keep_freed_memory()
     torch.set_num_threads(1)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
                               torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU())
@@ -35,9 +37,9 @@ FORWARD_FAULTS = textwrap.dedent("""
 """)
 
 
-def forward_faults(mode: str) -> float:
+def forward_faults(mode: str, env: dict | None = None) -> float:
     result = subprocess.run([sys.executable, "-c", FORWARD_FAULTS, mode, str(REPO)], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     return float(result.stdout)
 
@@ -55,3 +57,11 @@ def test_freed_activations_are_reused_instead_of_faulted_in_again():
     assert default > 1000
     assert kept < default / 4, (default, kept)
 
+
+
+@pytest.mark.skipif(not glibc(), reason="the setting is glibc's; other C libraries are left as they are")
+def test_a_user_setting_of_glibc_malloc_is_left_alone():
+    import os
+
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "131072"}  # glibc's default value, set by hand
+    assert forward_faults("user_tuned", env) > 1000  # keep_freed_memory refused; the faults stay

@@ -16,6 +16,7 @@ peak a run needs is unchanged; what it holds after a peak can be that much large
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 # mallopt parameter numbers, from glibc's <malloc.h>
@@ -26,13 +27,20 @@ TOP_PAD = 256 << 20  # the heap grows by this much at once, in fewer and larger 
 TRIM_THRESHOLD = 512 << 20  # free memory kept at the top of the heap before any goes back to the system
 
 
+def user_tuned_malloc() -> bool:
+    """Whether the user set glibc's malloc through its own environment variables: then theirs stand."""
+    return any(name.startswith("MALLOC_") and name.endswith("_") for name in os.environ) or \
+        "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+
+
 def keep_freed_memory() -> bool:
-    """Apply the settings above when the C library is glibc; returns whether it did.
+    """Apply the settings above when the C library is glibc and the user has not tuned malloc
+    themselves (MALLOC_TRIM_THRESHOLD_ and the like, or GLIBC_TUNABLES); returns whether it did.
 
     Called first thing by the scripts that run models (train.py, infer.py, runui.py,
     export.py, audit_dataset.py), never on import: it changes the whole process.
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or user_tuned_malloc():
         return False
     try:
         libc = ctypes.CDLL(None)  # the C library the interpreter is linked against
