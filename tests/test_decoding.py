@@ -146,3 +146,17 @@ def test_missing_weights_fail_before_torch_is_imported(tmp_path):
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert imported and not imported & {"torch", "numpy", "cv2", "matplotlib", "torchmetrics", "onnxruntime"}
     assert not Path(tmp_path / "out").exists()
+
+
+def test_pillow_plugins_are_loaded_before_any_decode_thread_starts():
+    """The first Image.open imports Pillow's format plugins; when several decode threads made that
+    first call at once they waited behind the import lock (0.2 s before infer.py's first batch).
+    utils.data loads them when it is imported, on the importing thread."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import utils.data; "
+            "print(sorted(m for m in sys.modules if m in ('PIL.JpegImagePlugin', 'PIL.PngImagePlugin')))")
+    result = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['PIL.JpegImagePlugin', 'PIL.PngImagePlugin']"
