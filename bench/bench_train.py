@@ -52,11 +52,10 @@ from benchlib import (
 
 from models.registry import create_model
 from utils.cache import cache_datasets
-from utils.data import ImageDataset, create_dataloader, default_workers, scan_dataset
+from utils.data import ImageDataset, available_cores, create_dataloader, default_workers, scan_dataset
 from utils.demo import make_digits_dataset
 from utils.device import default_channels_last
 from utils.engine import StepSettings, train_one_epoch
-from utils.files import available_cores
 from utils.memory import keep_freed_memory
 from utils.optim import create_optimizer, create_scheduler
 from utils.transforms import Preprocess, build_train_transform, normalize_batch

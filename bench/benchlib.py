@@ -43,7 +43,7 @@ def machine_description() -> str:
     import PIL
     import torchvision
 
-    from utils.files import available_cores
+    from utils.data import available_cores
 
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (f"CPU: {cpu_model()}, {available_cores()} cores usable, load average at start {load}; "

@@ -26,10 +26,9 @@ from inference.decoding import ThreadedDecoder, plan_threads
 from inference.onnx_model import CUDA, OnnxModel, is_onnx_file
 from models.registry import check_model_name, create_model
 from utils.checkpoint import CHECKPOINT_FORMAT, checkpoint_temperature, load_checkpoint, load_model_weights
-from utils.data import ImageReadError, create_dataloader, default_workers, read_rgb
+from utils.data import ImageReadError, available_cores, create_dataloader, default_workers, read_rgb
 from utils.device import amp_dtype, describe_device, select_device
 from utils.errors import UsageError
-from utils.files import available_cores
 from utils.transforms import (
     DEFAULT_INPUT_SIDE,
     Preprocess,

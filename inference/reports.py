@@ -59,11 +59,6 @@ class ReportHelper:
 
     @classmethod
     def start(cls) -> ReportHelper:
-        """The helper, started now; on a single core it would only slow this process: none then."""
-        from utils.files import available_cores
-
-        if available_cores() < 2:
-            return cls(None)
         try:
             process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE)

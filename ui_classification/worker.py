@@ -23,9 +23,8 @@ from inference.predictor import PredictionBatch, Predictor
 from ui_classification.annotate import annotate, save_annotated
 from ui_classification.results import TOP_K, ImagePrediction, predictions_from_batch
 from ui_classification.strings import Text
-from utils.data import ImageReadError, read_rgb
+from utils.data import ImageReadError, available_cores, read_rgb
 from utils.errors import UsageError
-from utils.files import available_cores
 
 PAUSE_POLL_SECONDS = 0.05
 

@@ -27,7 +27,7 @@ from natsort import natsorted
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from utils.errors import UsageError
-from utils.files import VAL_SPLIT_NAMES, available_cores, list_class_dirs, list_images
+from utils.files import VAL_SPLIT_NAMES, list_class_dirs, list_images
 from utils.stat_cache import StatCache, file_stat
 
 Sample = tuple[str, int]  # (image path, class index)
@@ -398,6 +398,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def _following(self, index: int) -> Iterator[int]:
         """The sample indices after `index`, wrapping around, `index` itself excluded."""
         return ((index + step) % len(self.samples) for step in range(1, len(self.samples)))
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (respects taskset/cgroup affinity where the OS tells)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def default_workers(num_images: int) -> int:

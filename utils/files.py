@@ -104,8 +104,3 @@ def check_output_dir(folder: str | os.PathLike, flag: str) -> None:
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise UsageError(f"{subject()} is not writable (read-only or permission denied); "
                          "choose a folder you can write to")
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (respects taskset/cgroup affinity where the OS tells)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -32,8 +32,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils.data import ImageReadError, read_rgb
-from utils.files import available_cores, file_digest
+from utils.data import ImageReadError, available_cores, read_rgb
+from utils.files import file_digest
 from utils.stat_cache import StatCache, file_stat
 
 FINGERPRINT_VERSION = 1  # part of every cache key: bump when the hash or the reader changes
