@@ -62,7 +62,7 @@ class ReportHelper:
         try:
             process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE)
-        except (OSError, ValueError, TypeError):  # no process to spare (or no interpreter path): made here
+        except OSError:  # no process to spare: the reports are made here instead
             process = None
         return cls(process)
 
