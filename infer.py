@@ -26,11 +26,10 @@ from typing import TYPE_CHECKING, Callable, Optional
 from inference.inputs import ImageInputs, Labels, add_bare_state_dict_args, find_labels, resolve_inputs
 from inference.options import add_cam_args, add_min_confidence_arg, check_min_confidence
 from inference.options import resolve_min_confidence as shared_resolve_min_confidence
-from inference.reports import ReportHelper
 
 # Only torch-free modules at the top: the flags and --image_path are checked before torch loads
 # (seconds), so a typo fails at once. The functions below import what they need.
-from utils.cli import one_line_warning, run_cli
+from utils.cli import run_cli
 from utils.errors import UsageError
 from utils.files import check_output_dir
 from utils.memory import keep_freed_memory
@@ -103,24 +102,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = get_args_parser().parse_args(argv)
     check_args(args)
     inputs = resolve_inputs(args.image_path)  # before the model loads: a typo fails in a second
-    # a folder may be a labelled tree: a helper process imports the metrics' libraries while the
-    # model loads here (inference/reports.py); ended at once if there turn out to be no labels
-    reports = ReportHelper.start() if not inputs.single else None
-    try:
-        return predict_and_report(args, inputs, reports)
-    finally:
-        if reports:
-            reports.close()
-
-
-def predict_and_report(args: argparse.Namespace, inputs: ImageInputs, reports: Optional[ReportHelper]) -> dict:
-    """Everything after the inputs are known: load, predict, write, print; returns main's summary."""
     predictor = load_predictor(args)
     min_confidence = resolve_min_confidence(args, predictor)
     labels, labels_note = find_labels(inputs, predictor.class_names)
-    if reports and not labels:
-        reports.close()  # no metrics to make: the helper's imports stop taking a core
-        reports = None
     print(f"Model: {predictor.describe()}  [{args.weights}{describe_epoch(predictor.checkpoint_info)}]")
     for note in ignored_flag_notes(args, predictor) + ([labels_note] if labels_note else []):
         print(f"note: {note}")
@@ -135,8 +119,8 @@ def predict_and_report(args: argparse.Namespace, inputs: ImageInputs, reports: O
     if inputs.single and results.errors[0]:
         raise UsageError(results.errors[0])
     started = time.perf_counter()
-    run_dir, cam_pictures, metrics = write_outputs(results, inputs, predictor, args, heat,
-                                                   reports if labels else None)
+    metrics = results.metrics()  # None unless a labelled tree
+    run_dir, cam_pictures = write_outputs(results, metrics, inputs, predictor, args, heat)
     reported = time.perf_counter()
     if inputs.single:
         report_single(results, args.topk)
@@ -222,25 +206,18 @@ def _counted(batches: Iterable[PredictionBatch], bar: tqdm) -> Iterator[Predicti
         yield batch
 
 
-def write_outputs(results: Predictions, inputs: ImageInputs, predictor: Predictor, args: argparse.Namespace,
-                  heat: Optional[HeatMaps] = None, reports: Optional[ReportHelper] = None,
-                  ) -> tuple[Path, dict[int, Path], Optional[dict]]:
-    """predictions.txt/.csv/.json, and for a labelled tree the metrics and their files (made by
-    `reports`, the helper process, while this one writes the rest); with --cam the heat maps
-    first. Returns (run folder, {image index: its cam/<name>.jpg}, metrics or None)."""
-    from inference.reports import labelled_reports
+def write_outputs(results: Predictions, metrics: Optional[dict], inputs: ImageInputs, predictor: Predictor,
+                  args: argparse.Namespace, heat: Optional[HeatMaps] = None) -> tuple[Path, dict[int, Path]]:
+    """predictions.txt/.csv/.json, and for a labelled tree the metrics files; with --cam the heat
+    maps first. Returns (run folder, {image index: its cam/<name>.jpg})."""
     from inference.results import write_csv, write_json_report, write_misclassified, write_txt
     from utils.checkpoint import timestamp
     from utils.logger import new_run_dir
 
     run_dir = new_run_dir(args.save_dir, predictor.model_name, subdirs=(), flag="--save_dir")
     cam = add_heat_maps(results, predictor, heat, run_dir, args.batch_size) if heat else None
-    title = Path(inputs.folder or ".").name
-    if reports:
-        reports.submit(results, run_dir, title)
     write_txt(results, run_dir / "predictions.txt")
     write_csv(results, run_dir / "predictions.csv", args.topk)
-    metrics = reports.result() if reports else labelled_reports(results, run_dir, title)
     run = {"checkpoint": args.weights, "model": predictor.model_name, "inputs": inputs.sources,
            "device": str(predictor.device), "created": timestamp(), "topk": args.topk,
            "temperature": predictor.temperature, "min_confidence": results.min_confidence}
@@ -248,8 +225,17 @@ def write_outputs(results: Predictions, inputs: ImageInputs, predictor: Predicto
         run["cam"] = {key: cam[key] for key in ("method", "layer", "map_size")}
     write_json_report(results, run_dir / "predictions.json", args.topk, run, metrics)
     if metrics is not None:
+        from utils.metrics import per_class_rows, plot_confusion_matrix, plot_curves, write_per_class_csv
+
+        write_per_class_csv(per_class_rows(metrics["confusion"], results.class_names), run_dir / "per_class.csv")
+        title = Path(inputs.folder or ".").name
+        plot_confusion_matrix(metrics["confusion"], results.class_names, run_dir / "confusion_matrix.png",
+                              title=f"{title} confusion matrix")
+        log_probs, targets = results.evaluated_outputs()  # calibrated: undo T for the reliability diagram's "raw"
+        plot_curves(log_probs * results.temperature, targets, results.class_names, run_dir, title=title,
+                    temperature=results.temperature)  # roc.png, pr.png, reliability.png
         write_misclassified(results, run_dir / "misclassified.csv")
-    return run_dir, cam["pictures"] if cam else {}, metrics
+    return run_dir, cam["pictures"] if cam else {}
 
 
 def load_heat_maps(args: argparse.Namespace, predictor: Predictor) -> HeatMaps:
@@ -411,7 +397,11 @@ def show_picture(picture: np.ndarray, saved: Path) -> None:
         print(f"note: --show: {why_not}; the picture is saved as {saved}")
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 if __name__ == "__main__":
-    warnings.formatwarning = one_line_warning  # library warnings as one line, like our errors
+    warnings.formatwarning = _one_line_warning  # library warnings as one line, like our errors
     keep_freed_memory()  # glibc keeps the memory a batch frees for the next one (utils/memory.py)
     run_cli(main, skip_teardown=True)

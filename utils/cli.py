@@ -69,11 +69,6 @@ def exit_without_teardown(code: int) -> NoReturn:
     os._exit(code)
 
 
-def one_line_warning(message, category, filename, lineno, line=None) -> str:
-    """A library warning as one line, like our errors (`warnings.formatwarning = one_line_warning`)."""
-    return f"warning: {message}\n"
-
-
 def _rank_prefix() -> str:
     """"[rank R] " inside a torchrun job of several processes, else ""."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
