@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from inference.audit import EMBEDDING_MAX_BITS, UNSPLIT, AuditOptions, AuditResult, format_seconds
 from utils.data import ImageReadError, read_rgb
 from utils.image_hash import DuplicateGroup
-from utils.visualize import NEUTRAL, WRONG, annotate, fit_tile, make_grid, save_rgb
+from utils.visualize import NEUTRAL, WRONG, annotate, fit_tile, make_grid, new_figure, save_rgb
 
 DUPLICATE_COLUMNS = ("group", "path", "split", "class", "kind", "distance", "crosses_splits", "crosses_classes")
 ISSUE_COLUMNS = ("rank", "path", "split", "given", "suggested", "quality")
@@ -177,7 +176,7 @@ def save_issues_picture(path: Path, result: AuditResult, top: int) -> bool:
 
 def save_count_plot(path: Path, result: AuditResult, stats: DataStats) -> None:
     names = result.dataset.class_names
-    figure = Figure(figsize=(max(6, 0.4 * len(names) + 2), 4))  # no pyplot: no GUI backend needed
+    figure = new_figure(figsize=(max(6, 0.4 * len(names) + 2), 4))  # no pyplot: no GUI backend needed
     axis = figure.subplots()
     bottom = np.zeros(len(names))
     for split, counts in stats.counts.items():
@@ -192,7 +191,7 @@ def save_count_plot(path: Path, result: AuditResult, stats: DataStats) -> None:
 
 
 def save_size_plot(path: Path, stats: DataStats) -> None:
-    figure = Figure(figsize=(10, 3.5))
+    figure = new_figure(figsize=(10, 3.5))
     sides, aspects = figure.subplots(1, 2)
     sides.hist([stats.widths, stats.heights], bins=30, label=["width", "height"])
     sides.set_xlabel("pixels")

@@ -222,3 +222,20 @@ def test_no_training_batch_of_one_image_for_any_process(samples, world_size):
         assert sizes == [4, 4] and len(loader) == 2, (rank, sizes)
     evaluation = create_dataloader(dataset, 4, False, 0, torch.device("cpu"))  # eval mode: one image is fine
     assert sum(len(targets) for _, targets in evaluation) == samples
+
+
+def test_plots_draw_cjk_class_names_with_an_installed_cjk_font(tmp_path):
+    """Class folders named 猫 and 狗 are drawn in the plots, not as boxes with a warning per glyph."""
+    import os
+    import warnings
+
+    from utils.metrics import plot_confusion_matrix
+    from utils.visualize import _CJK_FONT_FILES
+
+    if not any(os.path.isfile(path) for path in _CJK_FONT_FILES):
+        pytest.skip("no CJK font installed (apt-get install fonts-noto-cjk)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_confusion_matrix(torch.tensor([[3, 1], [0, 4]]), ["猫", "狗"], tmp_path / "cm.png")
+    assert (tmp_path / "cm.png").stat().st_size > 0
+    assert not [w for w in caught if "missing from font" in str(w.message)]

@@ -211,7 +211,7 @@ class History:
         if not self.rows or self.path is None:
             return
         # imported when first drawn: a bad flag, or infer.py writing only files, never pays for matplotlib
-        from matplotlib.figure import Figure
+        from utils.visualize import new_figure
 
         epochs = self.column("epoch")
         for file_name, title, series in (
@@ -219,7 +219,7 @@ class History:
             ("accuracy.png", "Accuracy", [("train", "train_acc"), ("val", "val_acc"), ("val F1", "val_f1")]),
             ("lr.png", "Learning rate (at epoch end)", [("lr", "lr")]),
         ):
-            fig = Figure(figsize=(6, 4))  # no pyplot: no GUI backend needed
+            fig = new_figure(figsize=(6, 4))  # no pyplot: no GUI backend needed
             axis = fig.subplots()
             for label, column in series:
                 axis.plot(epochs, self.column(column), marker="o", markersize=3, label=label)

@@ -174,10 +174,10 @@ def plot_confusion_matrix(
     """Counts and row-normalised (recall) side by side, saved as a PNG."""
     counts = confusion.double()
     normalised = counts / counts.sum(1, keepdim=True).clamp(min=1)
-    from matplotlib.figure import Figure
+    from utils.visualize import new_figure
 
     size = min(24, 3 + 0.45 * len(class_names))
-    fig = Figure(figsize=(2 * size + 2, size))  # no pyplot: works headless and in threads
+    fig = new_figure(figsize=(2 * size + 2, size))  # no pyplot: works headless and in threads
     axes = fig.subplots(1, 2)
     for axis, matrix, label, fmt in ((axes[0], counts, "counts", "{:.0f}"), (axes[1], normalised, "normalised by true class", "{:.2f}")):
         image = axis.imshow(matrix.numpy(), cmap="Blues", vmin=0)
@@ -231,9 +231,9 @@ def plot_curves(log_probs: torch.Tensor, targets: torch.Tensor, class_names: Seq
 
 def _plot_per_class(path: Path, curves: list, areas: torch.Tensor, class_names: Sequence[str],
                     labels: tuple[str, str, str], title: str) -> None:
-    from matplotlib.figure import Figure
+    from utils.visualize import new_figure
 
-    fig = Figure(figsize=(7, 6))
+    fig = new_figure(figsize=(7, 6))
     axis = fig.subplots()
     for (x, y), area, name in zip(curves, areas.tolist(), class_names):
         axis.plot(x.numpy(), y.numpy(), linewidth=1, label=f"{name} ({labels[2]} {area:.3f})")
@@ -265,9 +265,9 @@ def reliability_bins(probs: torch.Tensor, targets: torch.Tensor, bins: int = ECE
 def plot_reliability(log_probs: torch.Tensor, targets: torch.Tensor, path: str | os.PathLike,
                      temperature: float = 1.0, title: str = "") -> None:
     """Accuracy against confidence per bin: a calibrated model stays on the diagonal."""
-    from matplotlib.figure import Figure
+    from utils.visualize import new_figure
 
-    fig = Figure(figsize=(6, 6))
+    fig = new_figure(figsize=(6, 6))
     axis = fig.subplots()
     axis.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfectly calibrated")
     versions = [(1.0, "raw")] + ([(temperature, f"temperature {temperature:.3g}")] if temperature != 1.0 else [])

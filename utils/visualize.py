@@ -17,11 +17,14 @@ import sys
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Colour = tuple[int, int, int]
 CORRECT: Colour = (30, 140, 50)  # caption bar of a right answer on a labelled image
@@ -177,6 +180,35 @@ def _font(size: int, cjk: bool) -> ImageFont.FreeTypeFont:
         except OSError:
             continue
     return ImageFont.load_default(size)  # type: ignore[return-value]
+
+
+def new_figure(**kwargs) -> Figure:
+    """A matplotlib Figure for a PNG (no pyplot: works headless and in threads) whose text falls
+    back to an installed CJK font (the one the pictures use), so class names such as 猫 are drawn
+    instead of empty boxes and a glyph warning per character."""
+    from matplotlib.figure import Figure
+
+    _add_cjk_fallback_font()
+    return Figure(**kwargs)
+
+
+@lru_cache(maxsize=1)
+def _add_cjk_fallback_font() -> None:
+    import matplotlib
+    from matplotlib import font_manager
+
+    for path in _CJK_FONT_FILES:
+        if not os.path.isfile(path):
+            continue
+        try:
+            font_manager.fontManager.addfont(path)
+            name = font_manager.FontProperties(fname=path).get_name()
+        except (OSError, RuntimeError, ValueError):  # an unreadable font file: try the next
+            continue
+        # matplotlib draws each character with the first family of the list that has it
+        families = [f for f in matplotlib.rcParams["font.family"] if f != name]
+        matplotlib.rcParams["font.family"] = [*families, name]
+        return
 
 
 def _dejavu_path() -> str:
