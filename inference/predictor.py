@@ -62,7 +62,8 @@ class PathDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         try:
-            image = torch.from_numpy(read_rgb(self.paths[index])).permute(2, 0, 1)
+            # min_size: large JPEGs are decoded smaller, as in train.py's evaluation (utils.data.read_rgb)
+            image = torch.from_numpy(read_rgb(self.paths[index], self.transform.source_min_size)).permute(2, 0, 1)
         except ImageReadError as error:
             return torch.zeros(3, *self.preprocess.input_size, dtype=torch.uint8), index, str(error)
         return self.transform(image), index, ""

@@ -11,17 +11,18 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from conftest import REPO, run_script, write_image
 
 from inference.decoding import ThreadedDecoder, plan_threads
-from inference.predictor import Predictions, Predictor
+from inference.predictor import PathDataset, Predictions, Predictor
 from models.registry import create_model
 from utils.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
-from utils.data import read_rgb
-from utils.transforms import Preprocess
+from utils.data import ImageDataset, jpeg_reduction, read_rgb
+from utils.transforms import Preprocess, build_eval_transform, build_train_transform
 
 CLASSES = ["a", "b", "c"]
 
@@ -160,3 +161,79 @@ def test_pillow_plugins_are_loaded_before_any_decode_thread_starts():
     result = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['PIL.JpegImagePlugin', 'PIL.PngImagePlugin']"
+
+
+# Reduced-size JPEG decoding (utils.data.read_rgb's min_size): evaluation, infer.py and the viewer
+# decode JPEGs far larger than the model input at 1/2, 1/4 or 1/8 of their size.
+
+def _photo(height: int, width: int) -> np.ndarray:
+    """A natural photo (scikit-learn ships it) enlarged, with sensor-like noise: real detail at every scale."""
+    from sklearn.datasets import load_sample_image  # imports scipy: only in the tests that need it
+
+    image = cv2.resize(load_sample_image("china.jpg"), (width, height), interpolation=cv2.INTER_CUBIC)
+    noise = np.random.default_rng(0).integers(-12, 13, image.shape)
+    return np.clip(image.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["crop", "letterbox", "stretch"])
+def test_large_jpegs_are_decoded_smaller_for_evaluation_with_the_same_model_input(tmp_path, mode):
+    path = write_image(tmp_path / "photo é.jpg", _photo(1536, 2048))
+    transform = build_eval_transform(Preprocess(input_size=[96, 128], resize_mode=mode))
+    reduced = read_rgb(path, transform.source_min_size)
+    full = read_rgb(path)
+    assert full.shape == (1536, 2048, 3)
+    # the largest factor that keeps twice the size the transform shrinks to: crop covers
+    # 96 / 0.875 = 110 (1536/4 = 384 >= 220), the others fit 96 (1536/8 = 192 >= 192)
+    assert reduced.shape == ((384, 512, 3) if mode == "crop" else (192, 256, 3))
+    as_input = [transform(torch.from_numpy(a).permute(2, 0, 1)).float() for a in (full, reduced)]
+    assert as_input[0].shape == as_input[1].shape == (3, 96, 128)
+    assert (as_input[0] - as_input[1]).abs().mean() < 1.5  # grey levels: less than re-saving the JPEG changes
+
+
+def test_reduced_decoding_only_where_it_lands_on_the_same_pixels(tmp_path):
+    photo = _photo(1536, 2048)
+    min_size = [64, 64]
+    odd = write_image(tmp_path / "odd.jpg", photo[:1535])  # a side not divisible: the crop would move
+    png = write_image(tmp_path / "large.png", photo)  # OpenCV would shrink a PNG without antialiasing
+    small = write_image(tmp_path / "small.jpg", photo[:200, :256])  # under 2x min_size at every factor
+    for path, shape in ((odd, (1535, 2048, 3)), (png, (1536, 2048, 3)), (small, (200, 256, 3))):
+        assert read_rgb(path, min_size).shape == shape, path.name
+    assert jpeg_reduction(2048, 1536, [64, 64]) == 8
+    assert jpeg_reduction(2048, 1536, [97, 97]) == 4
+    assert jpeg_reduction(2048, 1536, [400, 400]) == 1
+
+
+def test_a_rotated_jpeg_is_reduced_as_it_is_displayed(tmp_path):
+    """EXIF orientation 6 (a quarter turn): the file is 2048 x 1024, the picture 1024 x 2048. The
+    factor must compare the displayed sides with min_size, as OpenCV rotates while decoding."""
+    from PIL import Image
+
+    path = tmp_path / "rotated.jpg"
+    picture = Image.fromarray(_photo(1024, 2048))
+    exif = picture.getexif()
+    exif[0x0112] = 6
+    picture.save(path, exif=exif.tobytes(), quality=92)
+    assert read_rgb(path).shape == (2048, 1024, 3)
+    # displayed (H 2048, W 1024) /2 keeps 1024 x 512 >= 2 x [400, 100]; compared as stored
+    # (H 1024, W 2048) no factor would keep 800 rows and the file would be decoded in full
+    assert read_rgb(path, [400, 100]).shape == (1024, 512, 3)
+    reduced = read_rgb(path, [100, 100])
+    assert reduced.shape == (512, 256, 3)
+    assert np.abs(cv2_area(read_rgb(path), reduced.shape[:2]).astype(float) - reduced).mean() < 4  # turned alike
+
+
+def cv2_area(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+
+
+def test_training_decodes_in_full_and_evaluation_reduced(tmp_path):
+    """Training's random crops need the detail; the eval dataset, infer.py's PathDataset and the
+    eval cache decode the same reduced image."""
+    path = str(write_image(tmp_path / "photo.jpg", _photo(1024, 1024)))
+    preprocess = Preprocess(input_size=[64, 64])
+    train = ImageDataset([(path, 0)], build_train_transform(preprocess))
+    evaluation = ImageDataset([(path, 0)], build_eval_transform(preprocess), eval_size=[64, 64])
+    assert train.load(0).shape == (3, 1024, 1024)
+    assert evaluation.load(0).shape == (3, 256, 256)  # /4: 256 >= 2 x 73
+    image, _, error = PathDataset([path], preprocess)[0]
+    assert error == "" and torch.equal(image, evaluation[0][0])

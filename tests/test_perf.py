@@ -30,7 +30,8 @@ def mixed_images(tmp_path_factory) -> list[tuple[str, int]]:
     root = tmp_path_factory.mktemp("mixed")
     rng = np.random.default_rng(0)
     paths = []
-    for i, (height, width) in enumerate([(375, 500), (500, 375), (120, 90), (31, 47)]):
+    # 384 x 512: sides divisible by 8, so evaluation decodes it at half size (utils.data.jpeg_reduction)
+    for i, (height, width) in enumerate([(375, 500), (500, 375), (120, 90), (31, 47), (384, 512)]):
         image = cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (0, 0), 3)
         paths.append(write_image(root / f"photo é {i}.jpg", image))
     gray = write_image(root / "gray.png", rng.integers(0, 256, (20, 30), dtype=np.uint8))

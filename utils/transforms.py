@@ -111,6 +111,9 @@ class ResizeCover(torch.nn.Module):
     def __init__(self, size: Sequence[int], crop_pct: float, interpolation: T.InterpolationMode):
         super().__init__()
         self.size, self.crop_pct, self.interpolation = list(size), crop_pct, interpolation
+        # the smallest source that still covers size / crop_pct: larger JPEGs may be decoded
+        # smaller (utils.data.read_rgb's min_size); every eval transform has this attribute
+        self.source_min_size = [math.ceil(side / crop_pct) for side in self.size]
 
     def working_region(self, height: int, width: int) -> tuple[list[int], list[int]]:
         """([source H, W] kept around the centre, [H, W] it is resized to before the centre crop)."""
@@ -139,6 +142,7 @@ class Letterbox(torch.nn.Module):
     def __init__(self, size: Sequence[int], fill: Sequence[int], interpolation: T.InterpolationMode):
         super().__init__()
         self.size, self.fill, self.interpolation = list(size), list(fill), interpolation
+        self.source_min_size = list(self.size)  # fits inside size: no larger source is needed
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         height, width = image.shape[-2:]
@@ -150,12 +154,21 @@ class Letterbox(torch.nn.Module):
         return F.pad(image, padding, fill=self.fill)
 
 
+class Stretch(T.Resize):
+    """Resize straight to `size`, aspect ratio not kept."""
+
+    def __init__(self, size: Sequence[int], interpolation: T.InterpolationMode):
+        super().__init__(list(size), interpolation=interpolation, antialias=True)
+        self.source_min_size = list(size)
+
+
 class ShrinkToCover(torch.nn.Module):
     """Shrink (never enlarge) keeping aspect ratio so the image still covers `size` x `margin`."""
 
     def __init__(self, size: Sequence[int], margin: float, interpolation: T.InterpolationMode):
         super().__init__()
         self.size, self.margin, self.interpolation = list(size), margin, interpolation
+        self.source_min_size = [math.ceil(side * margin) for side in self.size]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         height, width = image.shape[-2:]
@@ -171,14 +184,18 @@ def _mean_fill(pre: Preprocess) -> list[int]:
 
 
 def build_eval_transform(pre: Preprocess) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Deterministic resize of a uint8 CHW tensor to `pre.input_size` (eval, infer, UI)."""
+    """Deterministic resize of a uint8 CHW tensor to `pre.input_size` (eval, infer, UI).
+
+    Its `source_min_size` is what a reader passes to utils.data.read_rgb as `min_size`, so that
+    large JPEGs are decoded at a reduced size wherever this transform is used: train.py's
+    evaluation, infer.py, the viewer and the audit all see the same pixels."""
     interpolation = _interpolation(pre.interpolation)
     if pre.resize_mode == "crop":
         return ResizeCover(pre.input_size, pre.crop_pct, interpolation)
     if pre.resize_mode == "letterbox":
         return Letterbox(pre.input_size, _mean_fill(pre), interpolation)
     if pre.resize_mode == "stretch":
-        return T.Resize(pre.input_size, interpolation=interpolation, antialias=True)
+        return Stretch(pre.input_size, interpolation)
     raise UsageError(f"--resize_mode must be one of {', '.join(RESIZE_MODES)}, got {pre.resize_mode!r}")
 
 
