@@ -1,0 +1,142 @@
+"""Large JPEGs decoded at reduced size for evaluation (utils.data.read_rgb's min_size): how much
+faster, and how much the model input and the predictions change.
+
+    python bench/bench_reduced_decode.py                         # speed (about a minute on 2 cores)
+    python bench/bench_reduced_decode.py --quick                 # smoke test (seconds)
+    python bench/bench_reduced_decode.py --weights best.pth --data DATASET/val   # + predictions
+
+Speed: images/s of ONE decode thread (as infer.py's decode threads and DataLoader workers run),
+file -> model-sized uint8 tensor with the eval preprocessing at 224 px (crop), on generated
+photo-like JPEGs of phone-camera sizes, full decode against reduced decode, rounds alternated,
+medians. Also the factor read_rgb chose and the mean difference of the model input in grey levels.
+
+Predictions (with --weights and --data, a folder of class folders named like the checkpoint's
+classes, or any folder): every image predicted both ways with the checkpoint's own preprocessing;
+accuracy of each (for a labelled folder), top-1 agreement, and the largest change of a probability.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import benchlib  # noqa: F401  (puts the repository root on sys.path)
+import cv2
+import numpy as np
+import torch
+from benchlib import fmt, interleaved, machine_description, markdown_table, medians, photo_like
+from PIL import Image
+
+from inference.predictor import Predictor
+from utils.data import jpeg_reduction, read_rgb
+from utils.files import list_images
+from utils.memory import keep_freed_memory
+from utils.transforms import Preprocess, build_eval_transform
+
+PHONE_SIZES = {"12 MP (4032x3024)": (3024, 4032), "2 MP (1920x1080)": (1080, 1920)}
+
+
+def get_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 images, one round")
+    parser.add_argument("--images", type=int, default=None, help="JPEGs per size (default 12; quick 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; quick 1)")
+    parser.add_argument("--weights", help="a checkpoint: also compare its predictions both ways")
+    parser.add_argument("--data", help="with --weights: a folder of images (class folders give accuracy)")
+    args = parser.parse_args()
+    args.images = args.images or (2 if args.quick else 12)
+    args.repeats = args.repeats or (1 if args.quick else 5)
+    if bool(args.weights) != bool(args.data):
+        parser.error("--weights and --data go together")
+    return args
+
+
+def eval_input(path: str, transform: torch.nn.Module, reduced: bool) -> torch.Tensor:
+    """File -> the uint8 model input, as PathDataset makes it (reduced) or from a full decode."""
+    array = read_rgb(path, transform.source_min_size if reduced else None)
+    return transform(torch.from_numpy(array).permute(2, 0, 1))
+
+
+def speed(args: argparse.Namespace, folder: Path) -> list[list[object]]:
+    transform = build_eval_transform(Preprocess(input_size=[224, 224]))
+    rng = np.random.default_rng(0)
+    rows = []
+    for label, (height, width) in PHONE_SIZES.items():
+        paths = []
+        for i in range(args.images):
+            path = folder / f"{height}_{i}.jpg"
+            cv2.imwrite(str(path), cv2.cvtColor(photo_like(rng, height, width), cv2.COLOR_RGB2BGR),
+                        [cv2.IMWRITE_JPEG_QUALITY, 90])
+            paths.append(str(path))
+
+        def rate(reduced: bool, paths: list[str] = paths) -> float:
+            started = time.perf_counter()
+            for path in paths:
+                eval_input(path, transform, reduced)
+            return len(paths) / (time.perf_counter() - started)
+
+        rates = medians(interleaved({"full": lambda: rate(False), "reduced": lambda: rate(True)}, args.repeats))
+        difference = np.mean([float((eval_input(p, transform, False).float() - eval_input(p, transform, True).float())
+                                    .abs().mean()) for p in paths])
+        megabytes = np.mean([Path(p).stat().st_size for p in paths]) / 2**20
+        rows.append([label, fmt(megabytes), f"1/{jpeg_reduction(width, height, transform.source_min_size)}",
+                     fmt(rates["full"]), fmt(rates["reduced"]), f"{rates['reduced'] / rates['full']:.2f}x",
+                     f"{difference:.2f}"])
+    return rows
+
+
+def predictions(weights: str, data: str) -> str:
+    predictor = Predictor.from_file(weights, device="cpu")
+    transform = build_eval_transform(predictor.preprocess)
+    paths = list_images(data)
+    names = {name: i for i, name in enumerate(predictor.class_names)}
+    labels = [names.get(Path(p).parent.name, -1) for p in paths]
+    probs = {}
+    for reduced in (False, True):
+        batches = [torch.stack([eval_input(p, transform, reduced) for p in paths[i:i + 64]])
+                   for i in range(0, len(paths), 64)]
+        probs[reduced] = torch.cat([predictor.predict_batch(batch) for batch in batches])
+    top = {reduced: p.argmax(1) for reduced, p in probs.items()}
+    change = (probs[True] - probs[False]).abs()
+    reductions = [jpeg_reduction(*header_size(p), transform.source_min_size) for p in paths]
+    lines = [f"{len(paths)} images from {data}; decoded smaller: {sum(r > 1 for r in reductions)} "
+             f"(factors {sorted(set(reductions))})",
+             f"top-1 agreement full vs reduced: {float((top[True] == top[False]).float().mean()):.4f}",
+             f"probability change: mean {float(change.mean()):.5f}, largest {float(change.max()):.4f}"]
+    if min(labels) >= 0:
+        target = torch.tensor(labels)
+        for reduced in (False, True):
+            accuracy = float((top[reduced] == target).float().mean())
+            lines.append(f"accuracy, {'reduced' if reduced else 'full'} decode: {accuracy:.4f}")
+    return "\n".join(lines)
+
+
+def header_size(path: str) -> tuple[int, int]:
+    """(width, height) from the file's header, no pixels decoded."""
+    with Image.open(path) as image:
+        return image.size
+
+
+def main() -> None:
+    args = get_args()
+    keep_freed_memory()
+    model_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one decode thread, as infer.py's decode threads and DataLoader workers run
+    print(machine_description())
+    with tempfile.TemporaryDirectory() as folder:
+        rows = speed(args, Path(folder))
+    print("\nOne decode thread, file -> 224 px eval input (crop), images/s, median of "
+          f"{args.repeats} alternated rounds, {args.images} generated JPEGs per size:\n")
+    print(markdown_table(["photo", "MB", "factor", "full decode", "reduced decode", "speed-up",
+                          "input difference (grey levels)"], rows))
+    if args.weights:
+        torch.set_num_threads(model_threads)
+        print("\nPredictions, full decode against reduced decode:\n")
+        print(predictions(args.weights, args.data))
+
+
+if __name__ == "__main__":
+    main()
