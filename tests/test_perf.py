@@ -211,3 +211,14 @@ def test_bench_data_quick_prints_readers_and_pipelines():
     for name in ("OpenCV", "Pillow", "torchvision.io", "v1 PIL + Normalize (reference)", "ours train, --cache ram"):
         assert name in out
     assert "Fastest reader:" in out and "pipeline at 224 px" in out
+
+
+@pytest.mark.slow
+def test_bench_reduced_decode_quick_prints_speed_and_prediction_agreement(trained_run, digits_root):
+    result = run_script(str(BENCH / "bench_reduced_decode.py"), "--quick", "--weights", str(trained_run / "best.pth"),
+                        "--data", str(digits_root / "val"), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "CPU:" in out and "| 12 MP (4032x3024) | " in out and "| 1/4 " in out and "| 1/2 " in out
+    assert "top-1 agreement full vs reduced: 1.0000" in out  # digits are small: nothing was decoded smaller
+    assert "decoded smaller: 0 " in out and "accuracy, reduced decode:" in out
