@@ -4,6 +4,7 @@ faster, and how much the model input and the predictions change.
     python bench/bench_reduced_decode.py                         # speed (about a minute on 2 cores)
     python bench/bench_reduced_decode.py --quick                 # smoke test (seconds)
     python bench/bench_reduced_decode.py --weights best.pth --data DATASET/val   # + predictions
+    python bench/bench_reduced_decode.py --make_dataset DIR      # the textures dataset of RESULTS.md
 
 Speed: images/s of ONE decode thread (as infer.py's decode threads and DataLoader workers run),
 file -> model-sized uint8 tensor with the eval preprocessing at 224 px (crop), on generated
@@ -13,6 +14,11 @@ medians. Also the factor read_rgb chose and the mean difference of the model inp
 Predictions (with --weights and --data, a folder of class folders named like the checkpoint's
 classes, or any folder): every image predicted both ways with the checkpoint's own preprocessing;
 accuracy of each (for a labelled folder), top-1 agreement, and the largest change of a probability.
+
+--make_dataset writes DIR/{train,val}/<class>/*.jpg: 1024x768 JPEGs whose class is the direction of
+a faint grating (0, 45, 90 or 135 degrees, +-25 degrees, so neighbours overlap) over enlarged crops
+of scikit-learn's two sample photos, with noise: fine detail everywhere, and a model that is not
+sure of every image, so that small input changes could show in its answers.
 """
 
 from __future__ import annotations
@@ -46,12 +52,40 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; quick 1)")
     parser.add_argument("--weights", help="a checkpoint: also compare its predictions both ways")
     parser.add_argument("--data", help="with --weights: a folder of images (class folders give accuracy)")
+    parser.add_argument("--make_dataset", metavar="DIR", help="write the textures dataset to DIR and stop")
     args = parser.parse_args()
     args.images = args.images or (2 if args.quick else 12)
     args.repeats = args.repeats or (1 if args.quick else 5)
     if bool(args.weights) != bool(args.data):
         parser.error("--weights and --data go together")
     return args
+
+
+def make_dataset(root: Path, per_class: dict[str, int] | None = None, seed: int = 1) -> None:
+    """root/{train,val}/c<angle>/*.jpg, see the module's docstring."""
+    from sklearn.datasets import load_sample_image
+
+    rng = np.random.default_rng(seed)
+    photos = [load_sample_image(name) for name in ("china.jpg", "flower.jpg")]  # 427 x 640
+    height, width = 768, 1024
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    for split, count in (per_class or {"train": 120, "val": 60}).items():
+        for angle in (0, 45, 90, 135):
+            folder = root / split / f"c{angle}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                theta, period = np.deg2rad(angle + rng.uniform(-25, 25)), rng.uniform(40, 140)
+                grating = np.sin((x * np.cos(theta) + y * np.sin(theta)) * 2 * np.pi / period + rng.uniform(0, 6.3))
+                photo, scale = photos[rng.integers(2)], rng.uniform(0.4, 1.0)
+                crop_h, crop_w = int(427 * scale), int(640 * scale)
+                top, left = rng.integers(0, 428 - crop_h), rng.integers(0, 641 - crop_w)
+                background = cv2.resize(photo[top:top + crop_h, left:left + crop_w], (width, height),
+                                        interpolation=cv2.INTER_CUBIC).astype(np.float32)
+                alpha = rng.uniform(0.12, 0.3)
+                image = (background * (1 - alpha) + alpha * 127 * (1 + grating[..., None])
+                         + rng.normal(0, 8, (height, width, 3)))
+                bgr = cv2.cvtColor(np.clip(image, 0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
+                cv2.imwrite(str(folder / f"{i:03d}.jpg"), bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
 def eval_input(path: str, transform: torch.nn.Module, reduced: bool) -> torch.Tensor:
@@ -122,6 +156,10 @@ def header_size(path: str) -> tuple[int, int]:
 
 def main() -> None:
     args = get_args()
+    if args.make_dataset:
+        make_dataset(Path(args.make_dataset))
+        print(f"wrote {args.make_dataset}/train and /val (4 classes, 1024x768 JPEGs)")
+        return
     keep_freed_memory()
     model_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one decode thread, as infer.py's decode threads and DataLoader workers run
