@@ -374,14 +374,15 @@ def save_grids(results: Predictions, run_dir: Path, count: int, seed: int, show:
 
 def draw_grid(results: Predictions, indices: list[int], path: Path, cam_pictures: dict[int, Path]) -> np.ndarray:
     from utils.data import read_rgb
-    from utils.visualize import caption_colour, caption_lines, prediction_grid, save_rgb
+    from utils.visualize import GRID_TILE_SIDE, caption_colour, caption_lines, prediction_grid, save_rgb
 
     confidence, predicted = results.top1()
     images, captions, colours = [], [], []
     for i in indices:
         name = results.class_names[int(predicted[i])]
         truth = results.class_names[int(results.labels[i])] if results.labels is not None else None
-        images.append(read_rgb(cam_pictures.get(i, results.paths[i])))
+        # a tile needs no more pixels than its side: large JPEGs are decoded smaller (read_rgb's min_size)
+        images.append(read_rgb(cam_pictures.get(i, results.paths[i]), [GRID_TILE_SIDE, GRID_TILE_SIDE]))
         captions.append(caption_lines(name, float(confidence[i]), truth))
         colours.append(caption_colour(name, truth))
     grid = prediction_grid(images, captions, colours)

@@ -138,7 +138,7 @@ def write_unreadable_csv(path: Path, stats: DataStats) -> None:
 
 def _tile(path: str, lines: Sequence[str], colour: tuple[int, int, int]) -> np.ndarray:
     try:
-        image = fit_tile(read_rgb(path), TILE_SIDE)
+        image = fit_tile(read_rgb(path, [TILE_SIDE, TILE_SIDE]), TILE_SIDE)  # large JPEGs decoded smaller
     except ImageReadError:  # changed since it was hashed: show an empty tile, not a crash
         image = np.full((TILE_SIDE, TILE_SIDE, 3), 255, dtype=np.uint8)
     return annotate(image, lines, colour)

@@ -73,6 +73,9 @@ def annotate(image: np.ndarray, lines: Sequence[str], colour: Colour = NEUTRAL, 
     return np.concatenate([np.asarray(bar), image], axis=0)
 
 
+GRID_TILE_SIDE = 224  # prediction_grid's tiles; a reader may decode large JPEGs down to it (read_rgb's min_size)
+
+
 def fit_tile(image: np.ndarray, side: int) -> np.ndarray:
     """Resize into a side x side square keeping the aspect ratio; the rest is background."""
     height, width = image.shape[:2]
@@ -103,7 +106,7 @@ def make_grid(tiles: Sequence[np.ndarray], columns: int = 5, gap: int = 6) -> np
 
 
 def prediction_grid(images: Sequence[np.ndarray], captions: Sequence[Sequence[str]], colours: Sequence[Colour],
-                    tile_side: int = 224, columns: int = 5) -> np.ndarray:
+                    tile_side: int = GRID_TILE_SIDE, columns: int = 5) -> np.ndarray:
     """The usual picture: each image fitted to a square tile with its caption bar above it."""
     tiles = [annotate(fit_tile(image, tile_side), lines, colour)
              for image, lines, colour in zip(images, captions, colours)]
