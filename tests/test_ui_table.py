@@ -209,3 +209,22 @@ def test_record_writes_infer_files_and_unreadable_filter(qtbot, open_window, sma
     (fields, per_class), (infer_fields, infer_per_class) = read_csv(folder / PER_CLASS_CSV), read_csv(infer_run / PER_CLASS_CSV)
     assert fields == infer_fields and [r["class"] for r in per_class] == [r["class"] for r in infer_per_class]
     assert [r["support"] for r in per_class] == [r["support"] for r in infer_per_class]
+
+
+def test_thumbnail_of_a_large_jpeg_keeps_its_shape_and_colours(tmp_path):
+    """A 12 MP-class photo is read at a reduced size for its thumbnail (utils.data.read_rgb's
+    min_size) and still fills the thumbnail side with the photo's aspect ratio and colours."""
+    import cv2
+    import numpy as np
+
+    from ui_classification.results_table import make_thumbnail
+
+    photo = np.zeros((1536, 2048, 3), np.uint8)
+    photo[:, :1024] = (200, 30, 30)  # left half red, right half blue (RGB)
+    photo[:, 1024:] = (30, 30, 200)
+    path = tmp_path / "large photo é.jpg"
+    cv2.imencode(".jpg", cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))[1].tofile(str(path))
+    thumbnail = make_thumbnail(str(path), THUMBNAIL_SIDE)
+    assert (thumbnail.width(), thumbnail.height()) == (THUMBNAIL_SIDE, round(THUMBNAIL_SIDE * 0.75))
+    left, right = thumbnail.pixelColor(2, 2), thumbnail.pixelColor(thumbnail.width() - 3, 2)
+    assert left.red() > 150 and left.blue() < 80 and right.blue() > 150 and right.red() < 80
