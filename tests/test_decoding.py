@@ -8,6 +8,8 @@ through the code, not accuracy.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -182,9 +184,10 @@ def test_large_jpegs_are_decoded_smaller_for_evaluation_with_the_same_model_inpu
     reduced = read_rgb(path, transform.source_min_size)
     full = read_rgb(path)
     assert full.shape == (1536, 2048, 3)
-    # the largest factor that keeps twice the size the transform shrinks to: crop covers
-    # 96 / 0.875 = 110 (1536/4 = 384 >= 220), the others fit 96 (1536/8 = 192 >= 192)
-    assert reduced.shape == ((384, 512, 3) if mode == "crop" else (192, 256, 3))
+    # the largest factor that keeps twice the size the transform shrinks to, either way round
+    # (EXIF may turn it): crop covers [110, 147], 1/4 keeps 384 x 512; the others fit [96, 128],
+    # 1/8 would keep 192 x 256 but not 256 x 192 turned
+    assert reduced.shape == (384, 512, 3)
     as_input = [transform(torch.from_numpy(a).permute(2, 0, 1)).float() for a in (full, reduced)]
     assert as_input[0].shape == as_input[1].shape == (3, 96, 128)
     assert (as_input[0] - as_input[1]).abs().mean() < 1.5  # grey levels: less than re-saving the JPEG changes
@@ -203,9 +206,9 @@ def test_reduced_decoding_only_where_it_lands_on_the_same_pixels(tmp_path):
     assert jpeg_reduction(2048, 1536, [400, 400]) == 1
 
 
-def test_a_rotated_jpeg_is_reduced_as_it_is_displayed(tmp_path):
-    """EXIF orientation 6 (a quarter turn): the file is 2048 x 1024, the picture 1024 x 2048. The
-    factor must compare the displayed sides with min_size, as OpenCV rotates while decoding."""
+def test_a_rotated_jpeg_is_reduced_only_by_what_holds_either_way_round(tmp_path):
+    """EXIF orientation 6 (a quarter turn): the file is 2048 x 1024, the picture 1024 x 2048.
+    OpenCV turns it while decoding; the factor is chosen so that it holds in both orientations."""
     from PIL import Image
 
     path = tmp_path / "rotated.jpg"
@@ -214,12 +217,34 @@ def test_a_rotated_jpeg_is_reduced_as_it_is_displayed(tmp_path):
     exif[0x0112] = 6
     picture.save(path, exif=exif.tobytes(), quality=92)
     assert read_rgb(path).shape == (2048, 1024, 3)
-    # displayed (H 2048, W 1024) /2 keeps 1024 x 512 >= 2 x [400, 100]; compared as stored
-    # (H 1024, W 2048) no factor would keep 800 rows and the file would be decoded in full
-    assert read_rgb(path, [400, 100]).shape == (1024, 512, 3)
-    reduced = read_rgb(path, [100, 100])
+    # [400, 100] would allow /2 as displayed (1024 x 512) but not as stored (512 rows < 800): full
+    assert read_rgb(path, [400, 100]).shape == (2048, 1024, 3)
+    reduced = read_rgb(path, [100, 100])  # /4 either way round
     assert reduced.shape == (512, 256, 3)
     assert np.abs(cv2_area(read_rgb(path), reduced.shape[:2]).astype(float) - reduced).mean() < 4  # turned alike
+
+
+def test_a_corrupt_exif_block_is_read_quietly_and_still_reduced(tmp_path):
+    """Pillow parses the EXIF block on open and warned "Corrupt EXIF data" with its own source
+    line; the pixels are fine. Checked in a fresh process, as pytest records every warning."""
+    from PIL import Image
+
+    path = tmp_path / "bad exif é.jpg"
+    picture = Image.fromarray(_photo(1536, 2048))
+    exif = picture.getexif()
+    exif[0x0112] = 6
+    picture.save(path, exif=exif.tobytes(), quality=92)
+    data = bytearray(path.read_bytes())
+    start = data.find(b"Exif\x00\x00") + 6
+    data[start:start + 8] = b"MM\x00\x2a\xff\xff\xff\xff"  # the first IFD's offset points past the end
+    path.write_bytes(bytes(data))
+    code = ("import sys; from utils.data import read_rgb; "
+            "print(read_rgb(sys.argv[1]).shape, read_rgb(sys.argv[1], [64, 64]).shape)")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(1536, 2048, 3) (192, 256, 3)"
+    assert result.stderr == ""
 
 
 def cv2_area(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

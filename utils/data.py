@@ -48,6 +48,9 @@ cv2.setNumThreads(1)  # DataLoader workers give the parallelism; OpenCV's own po
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 # Pillow warns from Image.MAX_IMAGE_PIXELS up to the limit above; such images are accepted on purpose.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Pillow parses a JPEG's EXIF block when it opens the file (for the DPI) and warns when the block
+# is broken, as many phone and editor files are; the pixels are fine and OpenCV reads the rotation.
+warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
 # Pillow imports its common format plugins on the first Image.open. Done here, on the importing
 # thread, it takes 15 ms; done by the first image of several decode threads at once (infer.py,
 # the pre-scan), it held them all behind the import lock: 0.2 s before infer.py's first batch.
@@ -57,8 +60,6 @@ Image.preinit()
 JPEG_FORMATS = ("JPEG", "MPO")
 _REDUCED_READS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 REDUCED_DECODE_MARGIN = 2  # a reduced JPEG keeps at least this many times the size it is shrunk to
-EXIF_ORIENTATION = 0x0112
-ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # a quarter turn: the displayed image is the header's height x width
 
 
 class ImageReadError(ValueError):
@@ -155,10 +156,10 @@ def _inspect_header(source: str | os.PathLike | BinaryIO, verify: bool = False,
             if verify and problem is None:
                 image.verify()
             if min_size is not None and problem is None and image.format in JPEG_FORMATS:
+                # OpenCV turns the image by its EXIF orientation, which is not parsed here (a corrupt
+                # EXIF block would print a warning per image): the factor must hold either way round
                 width, height = image.size
-                if image.getexif().get(EXIF_ORIENTATION, 1) in ROTATED_ORIENTATIONS:
-                    width, height = height, width  # OpenCV applies the rotation: compare as displayed
-                reduction = jpeg_reduction(width, height, min_size)
+                reduction = min(jpeg_reduction(width, height, min_size), jpeg_reduction(height, width, min_size))
     except Image.DecompressionBombError as error:  # Pillow's own check at the same limit: no size given
         pixels = re.search(r"\((\d+) pixels\)", str(error))
         count = f"{int(pixels.group(1)):,} pixels" if pixels else str(error)
