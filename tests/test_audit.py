@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from audit_fixtures import make_faulty_dataset, write_rgb
+from audit_fixtures import make_faulty_dataset, scene, write_rgb
 from conftest import REPO, run_script
 
 import audit_dataset
@@ -401,3 +401,26 @@ def test_imports_only_go_down(path, floor):
     modules += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
     ours = [m for m in modules if m.split(".")[0] in FLOOR or os.path.isfile(REPO / f"{m.split('.')[0]}.py")]
     assert all(FLOOR.get(m.split(".")[0], 4) <= floor for m in ours), ours
+
+
+def test_a_large_jpeg_is_hashed_from_a_reduced_decode_with_its_full_size(tmp_path):
+    """The hash shrinks every image to HASH_SIDE, so a large JPEG is decoded smaller for it; the
+    fingerprint still records the size training sees (EXIF rotation applied) and the same pHash
+    as a full decode. A 2048 x 1536 picture stored turned (EXIF orientation 6)."""
+    from PIL import Image
+
+    from utils.data import read_rgb
+    from utils.image_hash import compute_fingerprint, perceptual_hash
+
+    rng = np.random.default_rng(3)
+    picture = cv2.resize(scene(rng, 1, side=64), (1536, 2048), interpolation=cv2.INTER_CUBIC)
+    picture = np.clip(picture.astype(np.int16) + rng.integers(-8, 9, picture.shape), 0, 255).astype(np.uint8)
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(picture, 1)))  # 2048 wide, 1536 tall on disk
+    exif = stored.getexif()
+    exif[0x0112] = 6  # shown a quarter turn clockwise: 1536 wide, 2048 tall
+    path = tmp_path / "turned photo é.jpg"
+    stored.save(path, exif=exif.tobytes(), quality=90)
+    assert read_rgb(path, [128, 128]).shape == (512, 384, 3)  # what the hash decodes: 1/4
+    fingerprint = compute_fingerprint(str(path))
+    assert (fingerprint.width, fingerprint.height) == (1536, 2048)
+    assert fingerprint.phash == perceptual_hash(read_rgb(path))
