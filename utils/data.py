@@ -76,10 +76,11 @@ def read_rgb(path: str | os.PathLike, min_size: Optional[Sequence[int]] = None) 
     non-ASCII paths working on every OS (cv2.imread does not on Windows).
 
     `min_size` [H, W]: the caller shrinks the image to about this size anyway (the eval
-    transform's `source_min_size`), so a JPEG far larger is decoded at 1/2, 1/4 or 1/8 of its size
-    by libjpeg's DCT scaling (`jpeg_reduction`), which skips much of the decoding work: a 12 MP
-    photo decodes and resizes 1.7-2.7x faster (bench/bench_reduced_decode.py). Without it (training's random crops, pictures, the
-    viewer's display) every image is decoded at full size.
+    transform's `source_min_size`, a thumbnail's side), so a JPEG far larger is decoded at 1/2,
+    1/4 or 1/8 of its size by libjpeg's DCT scaling (`jpeg_reduction`), which skips much of the
+    decoding work: a 12 MP photo decodes and resizes 1.7-2.7x faster
+    (bench/bench_reduced_decode.py). Without it (training's random crops, heat-map pictures, the
+    viewer's zoomable display) every image is decoded at full size.
     """
     try:
         with open(path, "rb") as file:
