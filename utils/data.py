@@ -139,17 +139,14 @@ def image_size_problem(width: int, height: int) -> Optional[str]:
     return None
 
 
-def _header_problem(source: str | os.PathLike | BinaryIO, verify: bool = False) -> Optional[str]:
-    """Read only the header with Pillow (lazy: no pixels decoded) and check the size;
-    `verify` also checks the file's structure (Image.verify, still no full decode).
-    An open file given as `source` stays open."""
-    return _inspect_header(source, verify=verify)[0]
-
-
 def _inspect_header(source: str | os.PathLike | BinaryIO, verify: bool = False,
                     min_size: Optional[Sequence[int]] = None) -> tuple[Optional[str], int]:
-    """`_header_problem`, and the `jpeg_reduction` the file may be decoded with (1 unless
-    `min_size` is given and the file is a JPEG)."""
+    """(why the file is refused, or None; the `jpeg_reduction` it may be decoded with, 1 unless
+    `min_size` is given and the file is a JPEG).
+
+    Reads only the header with Pillow (lazy: no pixels decoded) and checks the size; `verify`
+    also checks the file's structure (Image.verify, still no full decode). An open file given as
+    `source` stays open."""
     reduction = 1
     try:
         with Image.open(source) as image:
@@ -192,7 +189,7 @@ def check_image(path: str) -> Optional[str]:
         problem = _file_size_problem(os.path.getsize(path))
     except OSError as error:
         return f"cannot read ({error.strerror or error})"
-    return problem or _header_problem(path, verify=True)
+    return problem or _inspect_header(path, verify=True)[0]
 
 
 HEADER_CHECK_VERSION = 1  # part of every cached check: bump when check_image changes
