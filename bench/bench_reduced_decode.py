@@ -1,5 +1,5 @@
-"""Large JPEGs decoded at reduced size for evaluation (utils.data.read_rgb's min_size): how much
-faster, and how much the model input and the predictions change.
+"""Large JPEGs decoded at reduced size (utils.data.read_rgb's min_size) for evaluation and for
+training's random crops: how much faster, and how much the model input and the predictions change.
 
     python bench/bench_reduced_decode.py                         # speed (about a minute on 2 cores)
     python bench/bench_reduced_decode.py --quick                 # smoke test (seconds)
@@ -10,6 +10,8 @@ Speed: images/s of ONE decode thread (as infer.py's decode threads and DataLoade
 file -> model-sized uint8 tensor with the eval preprocessing at 224 px (crop), on generated
 photo-like JPEGs of phone-camera sizes, full decode against reduced decode, rounds alternated,
 medians. Also the factor read_rgb chose and the mean difference of the model input in grey levels.
+Then the same for the training input (random resized crop, flip: utils.transforms.TrainTransform),
+whose box is drawn before decoding, so the factor varies with the box: how often each was used.
 
 Predictions (with --weights and --data, a folder of class folders named like the checkpoint's
 classes, or any folder): every image predicted both ways with the checkpoint's own preprocessing;
@@ -39,7 +41,7 @@ from inference.predictor import Predictor
 from utils.data import jpeg_reduction, read_rgb
 from utils.files import list_images
 from utils.memory import keep_freed_memory
-from utils.transforms import Preprocess, build_eval_transform
+from utils.transforms import Preprocess, build_eval_transform, build_train_transform
 
 PHONE_SIZES = {"12 MP (4032x3024)": (3024, 4032), "2 MP (1920x1080)": (1080, 1920)}
 
@@ -94,10 +96,13 @@ def eval_input(path: str, transform: torch.nn.Module, reduced: bool) -> torch.Te
     return transform(torch.from_numpy(array).permute(2, 0, 1))
 
 
-def speed(args: argparse.Namespace, folder: Path) -> list[list[object]]:
+def speed(args: argparse.Namespace, folder: Path) -> tuple[list[list[object]], list[list[object]]]:
+    """Rows for the eval table and the training table."""
     transform = build_eval_transform(Preprocess(input_size=[224, 224]))
+    train_transform = build_train_transform(Preprocess(input_size=[224, 224]))  # basic: crop, flip
     rng = np.random.default_rng(0)
-    rows = []
+    eval_rows: list[list[object]] = []
+    train_rows: list[list[object]] = []
     for label, (height, width) in PHONE_SIZES.items():
         paths = []
         for i in range(args.images):
@@ -112,14 +117,44 @@ def speed(args: argparse.Namespace, folder: Path) -> list[list[object]]:
                 eval_input(path, transform, reduced)
             return len(paths) / (time.perf_counter() - started)
 
-        rates = medians(interleaved({"full": lambda: rate(False), "reduced": lambda: rate(True)}, args.repeats))
+        heights: list[int] = []  # of the reduced training decodes
+
+        def train_rate(reduced: bool, paths: list[str] = paths, heights: list[int] = heights) -> float:
+            torch.manual_seed(0)  # the same boxes both ways
+            started = time.perf_counter()
+            for path in paths:
+                train_input(path, train_transform, reduced, heights if reduced else [])
+            return len(paths) / (time.perf_counter() - started)
+
+        rates = medians(interleaved({"full": lambda: rate(False), "reduced": lambda: rate(True),
+                                     "train full": lambda: train_rate(False),
+                                     "train reduced": lambda: train_rate(True)}, args.repeats))
         difference = np.mean([float((eval_input(p, transform, False).float() - eval_input(p, transform, True).float())
                                     .abs().mean()) for p in paths])
         megabytes = np.mean([Path(p).stat().st_size for p in paths]) / 2**20
-        rows.append([label, fmt(megabytes), f"1/{jpeg_reduction(width, height, transform.source_min_size)}",
-                     fmt(rates["full"]), fmt(rates["reduced"]), f"{rates['reduced'] / rates['full']:.2f}x",
-                     f"{difference:.2f}"])
-    return rows
+        eval_rows.append([label, fmt(megabytes), f"1/{jpeg_reduction(width, height, transform.source_min_size)}",
+                          fmt(rates["full"]), fmt(rates["reduced"]), f"{rates['reduced'] / rates['full']:.2f}x",
+                          f"{difference:.2f}"])
+        train_rows.append([label, factor_shares(height, heights), fmt(rates["train full"]),
+                           fmt(rates["train reduced"]), f"{rates['train reduced'] / rates['train full']:.2f}x"])
+    return eval_rows, train_rows
+
+
+def train_input(path: str, transform: torch.nn.Module, reduced: bool, heights: list[int]) -> torch.Tensor:
+    """File -> a training input (random crop, flip), as ImageDataset makes it (reduced) or from a
+    full decode; the height of each decoded image is appended to `heights`."""
+    def reader(path: str, min_size=None) -> np.ndarray:
+        array = read_rgb(path, min_size if reduced else None)
+        heights.append(array.shape[0])
+        return array
+
+    return transform.read(path, reader)
+
+
+def factor_shares(full_height: int, heights: list[int]) -> str:
+    """'1/2 40%, 1/4 60%': how often the training crop's box let each factor be used."""
+    factors = [full_height // height for height in heights]
+    return ", ".join(f"1/{f} {factors.count(f) / len(factors):.0%}" for f in sorted(set(factors)))
 
 
 def predictions(weights: str, data: str) -> str:
@@ -165,11 +200,15 @@ def main() -> None:
     torch.set_num_threads(1)  # one decode thread, as infer.py's decode threads and DataLoader workers run
     print(machine_description())
     with tempfile.TemporaryDirectory() as folder:
-        rows = speed(args, Path(folder))
+        eval_rows, train_rows = speed(args, Path(folder))
     print("\nOne decode thread, file -> 224 px eval input (crop), images/s, median of "
           f"{args.repeats} alternated rounds, {args.images} generated JPEGs per size:\n")
     print(markdown_table(["photo", "MB", "factor", "full decode", "reduced decode", "speed-up",
-                          "input difference (grey levels)"], rows))
+                          "input difference (grey levels)"], eval_rows))
+    print("\nThe same, file -> 224 px training input (random resized crop at scale 0.08-1, flip), "
+          "the same boxes both ways:\n")
+    print(markdown_table(["photo", "factors the boxes allowed", "full decode", "reduced decode", "speed-up"],
+                         train_rows))
     if args.weights:
         torch.set_num_threads(model_threads)
         print("\nPredictions, full decode against reduced decode:\n")

@@ -12,11 +12,13 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as F
 from conftest import REPO, run_script, write_image
 
 from inference.decoding import ThreadedDecoder, plan_threads
@@ -24,7 +26,7 @@ from inference.predictor import PathDataset, Predictions, Predictor
 from models.registry import create_model
 from utils.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 from utils.data import ImageDataset, jpeg_reduction, read_rgb
-from utils.transforms import Preprocess, build_eval_transform, build_train_transform
+from utils.transforms import Preprocess, build_eval_transform, build_train_transform, scale_box
 
 CLASSES = ["a", "b", "c"]
 
@@ -251,14 +253,118 @@ def cv2_area(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
 
 
-def test_training_decodes_in_full_and_evaluation_reduced(tmp_path):
-    """Training's random crops need the detail; the eval dataset, infer.py's PathDataset and the
-    eval cache decode the same reduced image."""
+def test_training_and_evaluation_decode_reduced(tmp_path):
+    """The eval dataset, infer.py's PathDataset and the eval cache decode the same reduced image;
+    training's random crop decodes as small as its box allows and gives the model input size."""
     path = str(write_image(tmp_path / "photo.jpg", _photo(1024, 1024)))
     preprocess = Preprocess(input_size=[64, 64])
     train = ImageDataset([(path, 0)], build_train_transform(preprocess))
-    evaluation = ImageDataset([(path, 0)], build_eval_transform(preprocess), eval_size=[64, 64])
-    assert train.load(0).shape == (3, 1024, 1024)
-    assert evaluation.load(0).shape == (3, 256, 256)  # /4: 256 >= 2 x 73
+    evaluation = ImageDataset([(path, 0)], build_eval_transform(preprocess))
+    decoded = []
+    assert train.transform.read(path, _recording(decoded)).shape == (3, 64, 64)
+    assert decoded[0][0] in (128, 256, 512)  # /2 at least: every box keeps 2 x 64 px at 1/2
+    assert train.load(0).shape == train[0][0].shape == (3, 64, 64)
+    assert evaluation.load(0).shape == (3, 64, 64)
+    with torch.random.fork_rng():  # the eval transform draws nothing: the source size is fixed
+        assert read_rgb(path, evaluation.transform.source_min_size).shape == (256, 256, 3)  # /4: 256 >= 2 x 73
     image, _, error = PathDataset([path], preprocess)[0]
     assert error == "" and torch.equal(image, evaluation[0][0])
+
+
+def _recording(shapes: list) -> Callable:
+    """read_rgb, noting the shape of every image it decodes."""
+    def reader(path, min_size=None):
+        array = read_rgb(path, min_size)
+        shapes.append(array.shape)
+        return array
+    return reader
+
+
+def _crops(transform, path, seeds, reader=read_rgb) -> list[torch.Tensor]:
+    """The training crop of `path` drawn with each seed, read by `transform.read` or in full then cropped."""
+    crops = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        if reader is None:
+            crops.append(transform(torch.from_numpy(read_rgb(path)).permute(2, 0, 1)).float())
+        else:
+            crops.append(transform.read(path, reader).float())
+    return crops
+
+
+@pytest.mark.parametrize("size", [[64, 64], [96, 160]])
+def test_training_crops_of_a_reduced_decode_match_the_full_decode(tmp_path, size):
+    path = str(write_image(tmp_path / "photo é.jpg", _photo(1536, 2048)))
+    factors = _compare_crops_with_the_full_decode(path, size)
+    assert sum(factor > 1 for factor in factors) >= 10  # most boxes keep 2x the output at 1/2 or less
+
+
+def _compare_crops_with_the_full_decode(path: str, size: list[int], seeds=range(12)) -> list[int]:
+    """The box is drawn from the header with the random numbers torchvision would draw on the
+    decoded image and scaled to the reduced image, moving by at most half of its pixels (a box as
+    random). Cropped from a full decode, that same region gives the same pixels to a grey level.
+    Returns the reduction factor of each seed."""
+    transform = build_train_transform(Preprocess(input_size=size), hflip=0)
+    full = torch.from_numpy(read_rgb(path)).permute(2, 0, 1)
+    factors = []
+    for seed in seeds:
+        decoded: list = []
+        (reduced,) = _crops(transform, path, [seed], _recording(decoded))
+        factor = full.shape[1] // decoded[0][0]
+        factors.append(factor)
+        torch.manual_seed(seed)
+        box = transform.transforms[0].make_params([full])
+        region = [side * factor for side in scale_box(box, [1 / factor] * 2, decoded[0][:2])]
+        drawn = [box["top"], box["left"], box["height"], box["width"]]
+        assert all(abs(a - b) <= factor / 2 for a, b in zip(region, drawn)), (region, drawn)
+        expected = F.resized_crop(full, *region, size, antialias=True).float()
+        assert reduced.shape == (3, *size)
+        assert (reduced - expected).abs().mean() < 1.5, seed
+    return factors
+
+
+def test_training_crops_of_small_jpegs_and_pngs_are_torchvisions_own(tmp_path):
+    """Where no reduction applies, reading first changes nothing: the same pixels as
+    torchvision's RandomResizedCrop on the decoded image, seed for seed."""
+    photo = _photo(150, 200)  # no box keeps 2 x 64 px at 1/2
+    transform = build_train_transform(Preprocess(input_size=[64, 64]))
+    for path in (write_image(tmp_path / "small.jpg", photo), write_image(tmp_path / "large.png", _photo(1536, 2048))):
+        decoded: list = []
+        read = _crops(transform, str(path), range(5), _recording(decoded))
+        assert all(shape[:2] == cv2.imread(str(path)).shape[:2] for shape in decoded)
+        assert all(torch.equal(a, b) for a, b in zip(read, _crops(transform, str(path), range(5), reader=None)))
+
+
+def test_training_crops_of_a_rotated_jpeg_are_drawn_on_the_picture_as_shown(tmp_path):
+    """EXIF orientation 6: the box is drawn for the turned picture (1024 wide, 2048 high), as
+    torchvision draws it on OpenCV's turned decode."""
+    from PIL import Image
+
+    path = tmp_path / "rotated.jpg"
+    picture = Image.fromarray(_photo(1024, 2048))
+    exif = picture.getexif()
+    exif[0x0112] = 6
+    picture.save(path, exif=exif.tobytes(), quality=92)
+    assert read_rgb(path).shape == (2048, 1024, 3)
+    factors = _compare_crops_with_the_full_decode(str(path), [96, 64], seeds=range(8))
+    assert sum(factor > 1 for factor in factors) >= 6
+
+
+def test_a_training_crop_survives_a_decode_turned_unlike_its_header(tmp_path):
+    """Should Pillow and OpenCV ever read a broken EXIF orientation differently, the box drawn from
+    the header no longer fits the decoded image: it is drawn again on the image itself."""
+    path = str(write_image(tmp_path / "photo.jpg", _photo(1024, 2048)))
+
+    def turned(path, min_size=None):
+        return np.ascontiguousarray(read_rgb(path, min_size).transpose(1, 0, 2))
+
+    transform = build_train_transform(Preprocess(input_size=[64, 64]))
+    assert transform.read(path, turned).shape == (3, 64, 64)
+
+
+def test_letterbox_training_decodes_large_jpegs_reduced(tmp_path):
+    path = str(write_image(tmp_path / "photo.jpg", _photo(1536, 2048)))
+    transform = build_train_transform(Preprocess(input_size=[64, 64], resize_mode="letterbox"))
+    decoded: list = []
+    assert transform.read(path, _recording(decoded)).shape == (3, 64, 64)
+    assert decoded == [(192, 256, 3)]  # /8 keeps 2 x 64 either way round

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional
+from typing import BinaryIO, Callable, Optional, Union
 
 import cv2
 import numpy as np
@@ -66,7 +66,13 @@ class ImageReadError(ValueError):
     """An image file that cannot be read or decoded, or is over the size limits above."""
 
 
-def read_rgb(path: str | os.PathLike, min_size: Optional[Sequence[int]] = None) -> np.ndarray:
+# read_rgb's min_size: [H, W], or a function of the picture's (height, width) that returns it
+MinSize = Optional[Union[Sequence[int], Callable[[int, int], Sequence[int]]]]
+EXIF_ORIENTATION = 0x0112
+TURNED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def read_rgb(path: str | os.PathLike, min_size: MinSize = None) -> np.ndarray:
     """Read any image file to an RGB uint8 array of shape (H, W, 3).
 
     The size in the header is checked first (`image_size_problem`), so an image over the limits is
@@ -79,8 +85,13 @@ def read_rgb(path: str | os.PathLike, min_size: Optional[Sequence[int]] = None) 
     transform's `source_min_size`, a thumbnail's side), so a JPEG far larger is decoded at 1/2,
     1/4 or 1/8 of its size by libjpeg's DCT scaling (`jpeg_reduction`), which skips much of the
     decoding work: a 12 MP photo decodes and resizes 1.7-2.7x faster
-    (bench/bench_reduced_decode.py). Without it (training's random crops, heat-map pictures, the
-    viewer's zoomable display) every image is decoded at full size.
+    (bench/bench_reduced_decode.py). Without it (heat-map pictures, the viewer's zoomable
+    display) every image is decoded at full size.
+
+    `min_size` may also be a function of the JPEG's (height, width) as shown (EXIF orientation
+    applied) that returns [H, W]: training's random crop draws its box from the header that way
+    and asks for the size at which the box still keeps the output size
+    (utils.transforms.RandomResizedCrop.read). It is called once per JPEG, never for other formats.
     """
     try:
         with open(path, "rb") as file:
@@ -140,7 +151,7 @@ def image_size_problem(width: int, height: int) -> Optional[str]:
 
 
 def _inspect_header(source: str | os.PathLike | BinaryIO, verify: bool = False,
-                    min_size: Optional[Sequence[int]] = None) -> tuple[Optional[str], int]:
+                    min_size: MinSize = None) -> tuple[Optional[str], int]:
     """(why the file is refused, or None; the `jpeg_reduction` it may be decoded with, 1 unless
     `min_size` is given and the file is a JPEG).
 
@@ -154,10 +165,7 @@ def _inspect_header(source: str | os.PathLike | BinaryIO, verify: bool = False,
             if verify and problem is None:
                 image.verify()
             if min_size is not None and problem is None and image.format in JPEG_FORMATS:
-                # OpenCV turns the image by its EXIF orientation, which is not parsed here (a corrupt
-                # EXIF block would print a warning per image): the factor must hold either way round
-                width, height = image.size
-                reduction = min(jpeg_reduction(width, height, min_size), jpeg_reduction(height, width, min_size))
+                reduction = _reduction_for(image, min_size)
     except Image.DecompressionBombError as error:  # Pillow's own check at the same limit: no size given
         pixels = re.search(r"\((\d+) pixels\)", str(error))
         count = f"{int(pixels.group(1)):,} pixels" if pixels else str(error)
@@ -167,6 +175,17 @@ def _inspect_header(source: str | os.PathLike | BinaryIO, verify: bool = False,
     except Exception as error:  # Pillow raises many types for bad files
         return f"unreadable image ({type(error).__name__}: {error})", 1
     return problem, reduction
+
+
+def _reduction_for(image: Image.Image, min_size: MinSize) -> int:
+    """The `jpeg_reduction` of an opened JPEG for read_rgb's `min_size`."""
+    width, height = image.size
+    if callable(min_size):  # it needs the picture as shown: OpenCV turns it by its EXIF orientation
+        if image.getexif().get(EXIF_ORIENTATION, 1) in TURNED_ORIENTATIONS:
+            width, height = height, width
+        return jpeg_reduction(width, height, min_size(height, width))
+    # a fixed size: the factor must hold either way round, and then the EXIF block need not be parsed
+    return min(jpeg_reduction(width, height, min_size), jpeg_reduction(height, width, min_size))
 
 
 def _read_rgb_with_pillow(path: str | os.PathLike) -> np.ndarray:
@@ -410,12 +429,15 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def load(self, index: int) -> torch.Tensor:
-        """The decoded image as a uint8 CHW tensor (no transform), from the cache if there is one."""
+        """The image as a uint8 CHW tensor after the transform; from the cache if there is one."""
         if self.cache is not None:
-            return self.cache.get(index)
-        # an eval transform names the smallest source it needs: large JPEGs are decoded smaller
-        array = read_rgb(self.samples[index][0], min_size=getattr(self.transform, "source_min_size", None))
-        return torch.from_numpy(array).permute(2, 0, 1)
+            image = self.cache.get(index)
+        elif hasattr(self.transform, "read"):  # training: the random crop picks the decode size
+            return self.transform.read(self.samples[index][0], read_rgb)
+        else:  # an eval transform names the smallest source it needs: large JPEGs are decoded smaller
+            array = read_rgb(self.samples[index][0], min_size=getattr(self.transform, "source_min_size", None))
+            image = torch.from_numpy(array).permute(2, 0, 1)
+        return self.transform(image) if self.transform is not None else image
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         evaluation = self.eval_size is not None
@@ -429,8 +451,6 @@ class ImageDataset(torch.utils.data.Dataset):
                 what = "left out of the metrics" if evaluation else "replaced by another image (of its class first)"
                 warnings.warn(f"unreadable image {what}: {error}", stacklevel=2)
                 continue
-            if self.transform is not None:
-                image = self.transform(image)
             return image, self.samples[i][1]
         if evaluation:
             return torch.zeros(3, *self.eval_size, dtype=torch.uint8), UNREADABLE

@@ -179,6 +179,60 @@ class ShrinkToCover(torch.nn.Module):
         return F.resize(image, new_size, interpolation=self.interpolation, antialias=True)
 
 
+class RandomResizedCrop(T.RandomResizedCrop):
+    """torchvision's RandomResizedCrop that can also draw its box before the image is decoded.
+
+    `read(path, reader)` draws the box from the size in the JPEG's header (the same draws
+    torchvision makes), then asks the reader (utils.data.read_rgb) for the image at the smallest
+    size where the box still keeps the output size. A large JPEG is then decoded at 1/2, 1/4 or
+    1/8 of its size wherever the box keeps twice that after the reduction: for 12 MP photos and a
+    224 px input, most boxes (bench/bench_reduced_decode.py). The box is scaled with the image
+    (`scale_box`): the same part of the picture, up to half a pixel of the reduced image.
+    """
+
+    def read(self, path: str, reader: Callable) -> torch.Tensor:
+        drawn: list[tuple[int, int, dict]] = []
+
+        def source_min_size(height: int, width: int) -> list[int]:
+            box = self.make_params([torch.empty((), dtype=torch.uint8).expand(1, height, width)])  # size only
+            drawn.append((height, width, box))
+            return [math.ceil(self.size[0] * height / box["height"]), math.ceil(self.size[1] * width / box["width"])]
+
+        image = torch.from_numpy(reader(path, source_min_size)).permute(2, 0, 1)
+        if not drawn:  # not a JPEG: decoded in full, the box is drawn now
+            return self(image)
+        height, width, box = drawn[0]
+        scale = [image.shape[-2] / height, image.shape[-1] / width]
+        if abs(scale[0] - scale[1]) > 0.1 * scale[1]:  # Pillow and OpenCV read a broken EXIF orientation apart
+            return self(image)
+        return F.resized_crop(image, *scale_box(box, scale, image.shape[-2:]), self.size,
+                              interpolation=self.interpolation, antialias=True)
+
+
+def scale_box(box: Mapping[str, int], scale: Sequence[float], bounds: Sequence[int]) -> list[int]:
+    """[top, left, height, width] of a box drawn on a full-size image, on that image decoded at
+    `scale` [y, x] of its size (`bounds` [H, W]): to the nearest pixel, so it moves by at most
+    half a pixel of the smaller image, which for a random crop is as random a box."""
+    top, left = round(box["top"] * scale[0]), round(box["left"] * scale[1])
+    return [top, left, min(bounds[0] - top, max(1, round(box["height"] * scale[0]))),
+            min(bounds[1] - left, max(1, round(box["width"] * scale[1])))]
+
+
+class TrainTransform(T.Compose):
+    """The training steps. `read(path, reader)` reads the file too, at the size the first step
+    needs: the random crop's box (RandomResizedCrop.read), or the letterbox's output size."""
+
+    def read(self, path: str, reader: Callable) -> torch.Tensor:
+        first, *rest = self.transforms
+        if isinstance(first, RandomResizedCrop):
+            image = first.read(path, reader)
+        else:
+            image = first(torch.from_numpy(reader(path, first.source_min_size)).permute(2, 0, 1))
+        for step in rest:
+            image = step(image)
+        return image
+
+
 def _mean_fill(pre: Preprocess) -> list[int]:
     return [round(m * 255) for m in pre.mean]  # pads to 0 after normalisation
 
@@ -237,7 +291,7 @@ def build_train_transform(
     else:
         ratio = pre.input_size[1] / pre.input_size[0]
         steps = [
-            T.RandomResizedCrop(
+            RandomResizedCrop(
                 pre.input_size,
                 scale=(crop_scale, 1.0),
                 ratio=(ratio * 3 / 4, ratio * 4 / 3),
@@ -259,7 +313,7 @@ def build_train_transform(
         steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
     if random_erase > 0:
         steps.append(T.RandomErasing(random_erase, value=_mean_fill(pre)))
-    return T.Compose(steps)
+    return TrainTransform(steps)
 
 
 def build_batch_mix(mixup: float, cutmix: float, num_classes: int) -> Optional[Callable]:
