@@ -220,5 +220,7 @@ def test_bench_reduced_decode_quick_prints_speed_and_prediction_agreement(traine
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "CPU:" in out and "| 12 MP (4032x3024) | " in out and "| 1/4 " in out and "| 1/2 " in out
+    training = out[out.index("training input"):]  # its table: the share of each factor the boxes allowed
+    assert "| 12 MP (4032x3024) | 1/" in training and "%" in training
     assert "top-1 agreement full vs reduced: 1.0000" in out  # digits are small: nothing was decoded smaller
     assert "decoded smaller: 0 " in out and "accuracy, reduced decode:" in out
