@@ -227,7 +227,7 @@ class TrainTransform(T.Compose):
         if isinstance(first, RandomResizedCrop):
             image = first.read(path, reader)
         else:
-            image = first(torch.from_numpy(reader(path, first.source_min_size)).permute(2, 0, 1))
+            image = first(torch.from_numpy(reader(path, getattr(first, "source_min_size", None))).permute(2, 0, 1))
         for step in rest:
             image = step(image)
         return image
