@@ -313,7 +313,7 @@ def _compare_crops_with_the_full_decode(path: str, size: list[int], seeds=range(
         factor = full.shape[1] // decoded[0][0]
         factors.append(factor)
         torch.manual_seed(seed)
-        box = transform.transforms[0].make_params([full])
+        box = transform.transforms[0].draw_box(*full.shape[-2:])
         region = [side * factor for side in scale_box(box, [1 / factor] * 2, decoded[0][:2])]
         drawn = [box["top"], box["left"], box["height"], box["width"]]
         assert all(abs(a - b) <= factor / 2 for a, b in zip(region, drawn)), (region, drawn)

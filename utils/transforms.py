@@ -190,11 +190,17 @@ class RandomResizedCrop(T.RandomResizedCrop):
     (`scale_box`): the same part of the picture, up to half a pixel of the reduced image.
     """
 
+    def draw_box(self, height: int, width: int) -> dict:
+        """{top, left, height, width}: torchvision's draw for an image of this size, no pixels needed."""
+        size_only = torch.empty((), dtype=torch.uint8).expand(1, height, width)
+        draw = getattr(self, "make_params", None) or self._get_params  # named so since torchvision 0.21
+        return draw([size_only])
+
     def read(self, path: str, reader: Callable) -> torch.Tensor:
         drawn: list[tuple[int, int, dict]] = []
 
         def source_min_size(height: int, width: int) -> list[int]:
-            box = self.make_params([torch.empty((), dtype=torch.uint8).expand(1, height, width)])  # size only
+            box = self.draw_box(height, width)
             drawn.append((height, width, box))
             return [math.ceil(self.size[0] * height / box["height"]), math.ceil(self.size[1] * width / box["width"])]
 
