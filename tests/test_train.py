@@ -104,7 +104,15 @@ def test_binary_awkward_images_train_and_the_dataset_is_untouched(tmp_path):
 
 def _start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, encoding="utf-8")
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            preexec_fn=_default_ctrl_c if sys.platform != "win32" else None)
+
+
+def _default_ctrl_c() -> None:
+    """In the child, before train.py starts: Ctrl-C (SIGINT) as a terminal gives it. Tests started
+    in the background (`nohup pytest &`) inherit SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler at all, so the Ctrl-C test would see the run go on to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_epochs(run_parent: Path, count: int, process: subprocess.Popen, timeout: float = 300) -> Path:
