@@ -179,6 +179,17 @@ def _photo(height: int, width: int) -> np.ndarray:
     return np.clip(image.astype(np.int16) + noise, 0, 255).astype(np.uint8)
 
 
+def _turned_jpeg(path: Path, height: int, width: int) -> Path:
+    """A `_photo` stored `height` x `width` with EXIF orientation 6: shown a quarter turn round."""
+    from PIL import Image
+
+    picture = Image.fromarray(_photo(height, width))
+    exif = picture.getexif()
+    exif[0x0112] = 6
+    picture.save(path, exif=exif.tobytes(), quality=92)
+    return path
+
+
 @pytest.mark.parametrize("mode", ["crop", "letterbox", "stretch"])
 def test_large_jpegs_are_decoded_smaller_for_evaluation_with_the_same_model_input(tmp_path, mode):
     path = write_image(tmp_path / "photo é.jpg", _photo(1536, 2048))
@@ -211,13 +222,7 @@ def test_reduced_decoding_only_where_it_lands_on_the_same_pixels(tmp_path):
 def test_a_rotated_jpeg_is_reduced_only_by_what_holds_either_way_round(tmp_path):
     """EXIF orientation 6 (a quarter turn): the file is 2048 x 1024, the picture 1024 x 2048.
     OpenCV turns it while decoding; the factor is chosen so that it holds in both orientations."""
-    from PIL import Image
-
-    path = tmp_path / "rotated.jpg"
-    picture = Image.fromarray(_photo(1024, 2048))
-    exif = picture.getexif()
-    exif[0x0112] = 6
-    picture.save(path, exif=exif.tobytes(), quality=92)
+    path = _turned_jpeg(tmp_path / "rotated.jpg", 1024, 2048)
     assert read_rgb(path).shape == (2048, 1024, 3)
     # [400, 100] would allow /2 as displayed (1024 x 512) but not as stored (512 rows < 800): full
     assert read_rgb(path, [400, 100]).shape == (2048, 1024, 3)
@@ -229,13 +234,7 @@ def test_a_rotated_jpeg_is_reduced_only_by_what_holds_either_way_round(tmp_path)
 def test_a_corrupt_exif_block_is_read_quietly_and_still_reduced(tmp_path):
     """Pillow parses the EXIF block on open and warned "Corrupt EXIF data" with its own source
     line; the pixels are fine. Checked in a fresh process, as pytest records every warning."""
-    from PIL import Image
-
-    path = tmp_path / "bad exif é.jpg"
-    picture = Image.fromarray(_photo(1536, 2048))
-    exif = picture.getexif()
-    exif[0x0112] = 6
-    picture.save(path, exif=exif.tobytes(), quality=92)
+    path = _turned_jpeg(tmp_path / "bad exif é.jpg", 1536, 2048)
     data = bytearray(path.read_bytes())
     start = data.find(b"Exif\x00\x00") + 6
     data[start:start + 8] = b"MM\x00\x2a\xff\xff\xff\xff"  # the first IFD's offset points past the end
@@ -338,13 +337,7 @@ def test_training_crops_of_small_jpegs_and_pngs_are_torchvisions_own(tmp_path):
 def test_training_crops_of_a_rotated_jpeg_are_drawn_on_the_picture_as_shown(tmp_path):
     """EXIF orientation 6: the box is drawn for the turned picture (1024 wide, 2048 high), as
     torchvision draws it on OpenCV's turned decode."""
-    from PIL import Image
-
-    path = tmp_path / "rotated.jpg"
-    picture = Image.fromarray(_photo(1024, 2048))
-    exif = picture.getexif()
-    exif[0x0112] = 6
-    picture.save(path, exif=exif.tobytes(), quality=92)
+    path = _turned_jpeg(tmp_path / "rotated.jpg", 1024, 2048)
     assert read_rgb(path).shape == (2048, 1024, 3)
     factors = _compare_crops_with_the_full_decode(str(path), [96, 64], seeds=range(8))
     assert sum(factor > 1 for factor in factors) >= 6
