@@ -21,8 +21,7 @@ from PyQt5.QtGui import QImage
 from ui_classification.results import ImagePrediction
 from ui_classification.strings import Text
 from utils.files import unique_path
-from utils.visualize import CORRECT, NEUTRAL, WRONG, save_rgb
-from utils.visualize import annotate as draw_caption
+from utils.visualize import CORRECT, NEUTRAL, WRONG, caption_bar, save_rgb
 
 MIN_SIDE = 320  # smaller images are enlarged first, so the caption stays legible (digits are 32 px)
 SAVE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")  # kept on save; other formats are saved as PNG
@@ -67,9 +66,8 @@ def picture(array: np.ndarray, item: ImagePrediction, class_names: Sequence[str]
     """The image (RGB array) and its caption bar: green when right, red when wrong, grey when unknown."""
     image, factor = enlarge_nearest(array)
     colour = NEUTRAL if item.correct is None else CORRECT if item.correct else WRONG
-    captioned = draw_caption(image, caption_lines(item, class_names, text), colour, MIN_SIDE)  # no more enlarging
-    bar_height = captioned.shape[0] - image.shape[0]
-    return Picture(captioned[:bar_height], image, factor)
+    # the bar alone: joined to the image only on save, a 12 MP photo is not copied at every key
+    return Picture(caption_bar(image.shape[1], caption_lines(item, class_names, text), colour), image, factor)
 
 
 def annotate(array: np.ndarray, item: ImagePrediction, class_names: Sequence[str], text: Text) -> np.ndarray:

@@ -5,13 +5,19 @@ A picture is two items: the caption bar (ui_classification.annotate) above the i
 the image is drawn nearest-neighbour, so a small image shows its real pixels instead of a blur,
 and once a source pixel covers GRID_MIN_PIXELS screen pixels a grid marks the pixel borders.
 The window binds the keys (window-wide shortcuts); this widget handles the mouse.
+
+A large photo may come decoded smaller (`shrink` times: the window asks read_rgb for the size that
+`decode_size` names, which is what the screen shows of it). The scene keeps the full image's
+coordinates, so nothing moves when, zoomed in past the reduced pixels, the view asks for the full
+decode (`full_image_wanted`) and `set_full_image` puts it in place.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
-from PyQt5.QtCore import QLineF, QPoint, QRectF, QSize, Qt
+from PyQt5.QtCore import QLineF, QPoint, QRectF, QSize, QSizeF, Qt, pyqtSignal
 from PyQt5.QtGui import QColor, QImage, QPainter, QPen, QPixmap, QResizeEvent, QTransform, QWheelEvent
 from PyQt5.QtWidgets import QFrame, QGraphicsPixmapItem, QGraphicsScene, QGraphicsView, QLabel, QSizePolicy
 
@@ -27,6 +33,8 @@ BACKGROUND = "#202124"
 class ImageView(QGraphicsView):
     """Shows a captioned picture, or a placeholder text when there is none."""
 
+    full_image_wanted = pyqtSignal()  # the image was decoded smaller, and is now shown larger than that
+
     def __init__(self, placeholder: str):
         super().__init__()
         self.setScene(QGraphicsScene(self))
@@ -37,6 +45,7 @@ class ImageView(QGraphicsView):
         for item in (self.bar_item, self.image_item):
             self.scene().addItem(item)
         self.pixel = 1.0  # scene units per source pixel (annotate enlarges small images by a whole factor)
+        self.shrink = 1  # the image was decoded this many times smaller: each of its pixels covers shrink scene units
         self.fitted = True  # follow the window's size until the user zooms or pans
         self.placeholder = QLabel(placeholder, self.viewport())
         self.placeholder.setAlignment(Qt.AlignCenter)
@@ -54,27 +63,58 @@ class ImageView(QGraphicsView):
         self.setViewportUpdateMode(QGraphicsView.FullViewportUpdate)  # the grid spans the whole view
 
     # ---- content
-    def set_picture(self, bar: QImage, image: QImage, pixel: float = 1.0) -> None:
-        """The caption bar over the image; `pixel`: how many of the image's pixels make one source pixel.
-        A picture of the same size keeps the zoom and position, so stepping through a folder (or
-        toggling the heat map of an image at the model's size) compares like with like."""
-        same_size = not self.fitted and self.source.size() == image.size() and \
-            self.bar_item.pixmap().height() == bar.height()
+    def set_picture(self, bar: QImage, image: QImage, pixel: float = 1.0, shrink: int = 1) -> None:
+        """The caption bar over the image; `pixel`: how many of the image's pixels make one source pixel;
+        `shrink`: the image was decoded that many times smaller (bar and image are drawn that much larger).
+        A picture of the same size keeps the zoom and the image's position, so stepping through a
+        folder (or toggling the heat map of an image at the model's size) compares like with like."""
+        keep_view = not self.fitted and self.has_picture() and \
+            self._image_size() == QSizeF(image.width() * shrink, image.height() * shrink)
+        old_top, old_centre = self.image_item.pos().y(), self.mapToScene(self.viewport().rect().center())
+        self.shrink = shrink
         self.bar_item.setPixmap(QPixmap.fromImage(bar))
+        self.bar_item.setTransform(QTransform.fromScale(shrink, shrink))
         self.source = QPixmap.fromImage(image)
         self.image_item.setPixmap(self.source)
-        self.image_item.setTransform(QTransform())
-        self.image_item.setPos(0, bar.height())
+        self.image_item.setTransform(QTransform.fromScale(shrink, shrink))
+        self.image_item.setPos(0, bar.height() * shrink)
         self.pixel = pixel
         self.scene().setSceneRect(self._content_rect())
         self.placeholder.hide()
-        if not same_size:
+        if not keep_view:
             self.fit()
+        elif self.image_item.pos().y() != old_top:  # a caption of another height: the image stays put
+            self.centerOn(old_centre.x(), old_centre.y() + self.image_item.pos().y() - old_top)
         self._update_rendering()
+
+    def set_full_image(self, image: QImage) -> bool:
+        """Put the full decode of the image shown reduced in its place: same scene, zoom and position.
+        False (nothing changed) when it is not that image's size, as after the file changed on disk."""
+        if self.shrink == 1 or QSizeF(image.width(), image.height()) != self._image_size():
+            return False
+        self.shrink = 1
+        self.source = QPixmap.fromImage(image)
+        self.image_item.setPixmap(self.source)
+        self.image_item.setTransform(QTransform())
+        self._update_rendering()
+        return True
+
+    def decode_size(self, height: int, width: int) -> tuple[int, int]:
+        """[H, W] in device pixels: how large an image of `height` x `width` pixels is about to be
+        shown, so it may be decoded that small. Fitted to the view, or at the current zoom for an
+        image of the size shown now (set_picture keeps that zoom)."""
+        if not self.fitted and self.has_picture() and self._image_size() == QSizeF(width, height):
+            scale = self.zoom
+        else:  # fitInView leaves a margin and the caption takes some height: the fitted zoom is below this
+            viewport = self.viewport().size()
+            scale = min(viewport.width() / width, viewport.height() / height)
+        scale *= self.devicePixelRatioF()
+        return math.ceil(height * scale), math.ceil(width * scale)
 
     def set_placeholder(self, text: str) -> None:
         self.bar_item.setPixmap(QPixmap())
         self.source = QPixmap()
+        self.shrink = 1
         self.image_item.setPixmap(self.source)
         self.scene().setSceneRect(QRectF())
         self.placeholder.setText(text)
@@ -90,6 +130,10 @@ class ImageView(QGraphicsView):
 
     def pixmap(self) -> QPixmap:
         return self.source
+
+    def _image_size(self) -> QSizeF:
+        """The image's size in scene units: its size before a reduced decode."""
+        return QSizeF(self.source.width() * self.shrink, self.source.height() * self.shrink)
 
     def _content_rect(self) -> QRectF:
         return self.bar_item.sceneBoundingRect().united(self.image_item.sceneBoundingRect())
@@ -144,21 +188,25 @@ class ImageView(QGraphicsView):
     def _update_rendering(self) -> None:
         """Nearest-neighbour when blown up (real pixels); when a source pixel is smaller than a screen
         pixel, an area-averaged copy at the screen size (Qt's smooth transform samples bilinearly,
-        and thin lines would break up)."""
+        and thin lines would break up). A reduced decode shown larger than its pixels asks for the full one."""
         if self.source.isNull():
             return
-        nearest = self.screen_pixels_per_source_pixel >= NEAREST_FROM
+        scale = self.zoom * self.shrink  # screen pixels per pixel of `source`
+        if self.shrink > 1 and scale * self.devicePixelRatioF() > 1.001:
+            self.full_image_wanted.emit()  # the window answers with set_full_image (queued)
+        nearest = scale * self.pixel >= NEAREST_FROM
         self.image_item.setTransformationMode(Qt.FastTransformation if nearest else Qt.SmoothTransformation)
         width, height = self.source.width(), self.source.height()
-        if self.screen_pixels_per_source_pixel >= 1:
+        if scale * self.pixel >= 1:
             if self.image_item.pixmap().cacheKey() != self.source.cacheKey():
                 self.image_item.setPixmap(self.source)
-                self.image_item.setTransform(QTransform())
+                self.image_item.setTransform(QTransform.fromScale(self.shrink, self.shrink))
             return
-        size = QSize(max(1, round(width * self.zoom)), max(1, round(height * self.zoom)))
+        size = QSize(max(1, round(width * scale)), max(1, round(height * scale)))
         if self.image_item.pixmap().size() != size:
             self.image_item.setPixmap(self.source.scaled(size, Qt.IgnoreAspectRatio, Qt.SmoothTransformation))
-            self.image_item.setTransform(QTransform.fromScale(width / size.width(), height / size.height()))
+            self.image_item.setTransform(QTransform.fromScale(width * self.shrink / size.width(),
+                                                              height * self.shrink / size.height()))
 
     # ---- Qt events
     def wheelEvent(self, event: QWheelEvent) -> None:

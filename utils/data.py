@@ -85,14 +85,20 @@ def read_rgb(path: str | os.PathLike, min_size: MinSize = None) -> np.ndarray:
     transform's `source_min_size`, a thumbnail's side), so a JPEG far larger is decoded at 1/2,
     1/4 or 1/8 of its size by libjpeg's DCT scaling (`jpeg_reduction`), which skips much of the
     decoding work: a 12 MP photo decodes and resizes 1.7-2.7x faster
-    (bench/bench_reduced_decode.py). Without it (heat-map pictures, the viewer's zoomable
-    display) every image is decoded at full size.
+    (bench/bench_reduced_decode.py). Without it (heat-map pictures, the viewer once zoomed in)
+    every image is decoded at full size.
 
     `min_size` may also be a function of the JPEG's (height, width) as shown (EXIF orientation
     applied) that returns [H, W]: training's random crop draws its box from the header that way
     and asks for the size at which the box still keeps the output size
     (utils.transforms.RandomResizedCrop.read). It is called once per JPEG, never for other formats.
     """
+    return read_rgb_reduced(path, min_size)[0]
+
+
+def read_rgb_reduced(path: str | os.PathLike, min_size: MinSize = None) -> tuple[np.ndarray, int]:
+    """read_rgb, and the factor the image was decoded smaller by (1, 2, 4 or 8): the viewer draws
+    a reduced image that many times larger on screen, and decodes it in full when zoomed in."""
     try:
         with open(path, "rb") as file:
             problem = _file_size_problem(os.fstat(file.fileno()).st_size)
@@ -107,8 +113,8 @@ def read_rgb(path: str | os.PathLike, min_size: MinSize = None) -> np.ndarray:
         raise ImageReadError(f"cannot read {path}: {error.strerror or error}") from None
     image = cv2.imdecode(data, _REDUCED_READS.get(reduction, cv2.IMREAD_COLOR))
     if image is not None:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)  # in place: no second copy
-    return _read_rgb_with_pillow(path)
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image), reduction  # in place: no second copy
+    return _read_rgb_with_pillow(path), 1
 
 
 def jpeg_reduction(width: int, height: int, min_size: Sequence[int]) -> int:

@@ -62,7 +62,12 @@ def annotate(image: np.ndarray, lines: Sequence[str], colour: Colour = NEUTRAL, 
     `min_side`: enlarge smaller images first, so a 32-pixel digit still gets a readable label.
     """
     image = _enlarge(image, min_side)
-    width = image.shape[1]
+    return np.concatenate([caption_bar(image.shape[1], lines, colour), image], axis=0)
+
+
+def caption_bar(width: int, lines: Sequence[str], colour: Colour = NEUTRAL) -> np.ndarray:
+    """The bar that `annotate` draws above an image `width` pixels wide (RGB uint8): white text,
+    about 1/16 of the width high per line."""
     font = _fitting_font(lines, width)
     line_height = _line_height(font)
     pad = max(2, line_height // 4)
@@ -70,7 +75,7 @@ def annotate(image: np.ndarray, lines: Sequence[str], colour: Colour = NEUTRAL, 
     draw = ImageDraw.Draw(bar)
     for row, line in enumerate(lines):
         draw.text((pad, pad + row * line_height), _clip(line, font, width - 2 * pad), fill=(255, 255, 255), font=font)
-    return np.concatenate([np.asarray(bar), image], axis=0)
+    return np.asarray(bar)
 
 
 GRID_TILE_SIDE = 224  # prediction_grid's tiles; a reader may decode large JPEGs down to it (read_rgb's min_size)
