@@ -1,4 +1,5 @@
-"""Is the viewer responsive while it classifies thousands of images? Measures event-loop stalls.
+"""Is the viewer responsive while it classifies thousands of images? Measures event-loop stalls,
+then the time one Right key takes on large photos.
 
 A 10 ms QTimer in the GUI thread records how late each tick comes; a late tick is a frozen window.
 Three rows, measured in the same process:
@@ -8,12 +9,18 @@ Three rows, measured in the same process:
                   its thumbnails made as rows are drawn
     GUI thread    the same Predictor over the same folder, called in the GUI thread (a naive viewer)
 
+Then Next (the Right key) through 12 MP photos (made up, or your own with --photo_dir), the window
+at its default size or --window's: the time from the key to the picture painted, with each photo decoded at the size
+the view shows it (a reduced JPEG decode) against decoding it in full (the viewer before), the two
+alternated round by round.
+
     QT_QPA_PLATFORM=offscreen python bench/bench_ui.py --weights logs/<run>/best.pth --images 5000
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -23,7 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchlib import machine_description  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from benchlib import machine_description, photo_like  # noqa: E402
+from PIL import Image  # noqa: E402
 from PyQt5.QtCore import QElapsedTimer, QEventLoop, Qt, QTimer  # noqa: E402
 from PyQt5.QtWidgets import QApplication  # noqa: E402
 
@@ -87,6 +97,60 @@ def build_folder(root: Path, count: int) -> Path:
     return folder
 
 
+def write_photos(folder: Path, count: int, height: int, width: int) -> Path:
+    """`count` photo-like JPEGs (quality 90) of height x width, every other one turned portrait."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for index in range(count):
+        size = (height, width) if index % 2 else (width, height)
+        bgr = cv2.cvtColor(photo_like(rng, *size), cv2.COLOR_RGB2BGR)
+        cv2.imwrite(str(folder / f"photo_{index:03d}.jpg"), bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return folder
+
+
+def time_keys(app: QApplication, window: ViewerWindow, full_decode: bool) -> list[float]:
+    """Milliseconds per Next, from the key to the picture painted, over the whole run's images."""
+    # in full: a min_size as large as the image, which read_rgb may not reduce (the viewer before)
+    window._display_min_size = (lambda height, width: [height, width]) if full_decode else \
+        functools.partial(ViewerWindow._display_min_size, window)
+    window.show_first()
+    times = []
+    for _ in range(len(window.predictions) - 1):
+        started = time.perf_counter()
+        window.show_next()
+        window.image_view.viewport().repaint()
+        app.processEvents()
+        times.append(1000 * (time.perf_counter() - started))
+    return times
+
+
+def step_through_photos(app: QApplication, args: argparse.Namespace, temp: Path) -> None:
+    folder = Path(args.photo_dir) if args.photo_dir else write_photos(temp / "photos", args.photos, *args.photo_size)
+    window = ViewerWindow(ViewerOptions(weights=args.weights, image_dir=str(folder), device=args.device))
+    if args.window:
+        window.resize(*args.window)
+    window.show()
+    spin(app, lambda: window.model_info is not None, 120)
+    window.start_run()
+    spin(app, lambda: not window.running, 3600)
+    samples: dict[bool, list[float]] = {False: [], True: []}
+    for round_index in range(args.rounds):
+        for full_decode in (False, True) if round_index % 2 == 0 else (True, False):
+            samples[full_decode] += time_keys(app, window, full_decode)
+    view = window.image_view.viewport().size()
+    shown = window.predictions[window.current]
+    window.shutdown()
+    width, height = Image.open(shown.path).size
+    print(f"\nNext through {len(window.predictions)} photos ({height} x {width} or turned) in a "
+          f"{view.width()} x {view.height()} view, {args.rounds} alternated rounds")
+    print(f"{'decode':<22} {'keys':>5} {'median ms':>10} {'p90 ms':>7} {'max ms':>7}")
+    for full_decode, name in ((True, "in full (before)"), (False, "for the screen")):
+        times = sorted(samples[full_decode])
+        print(f"{name:<22} {len(times):>5} {np.median(times):>10.0f} {times[int(0.9 * (len(times) - 1))]:>7.0f} "
+              f"{times[-1]:>7.0f}")
+    print(f"median key, in full / for the screen: {np.median(samples[True]) / np.median(samples[False]):.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True)
@@ -94,6 +158,11 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=None, help="instead of --images: copies of the 270 digits test images")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--photos", type=int, default=12, help="made-up photos to step through (0: skip that part)")
+    parser.add_argument("--photo_size", type=int, nargs=2, default=(3024, 4032), metavar=("H", "W"))
+    parser.add_argument("--photo_dir", help="step through your own photos instead")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds over the photos, alternating the decodes")
+    parser.add_argument("--window", type=int, nargs=2, metavar=("W", "H"), help="window size for the photos")
     args = parser.parse_args()
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     app = QApplication(sys.argv[:1])
@@ -144,6 +213,9 @@ def main() -> None:
     print(f"{'mode':<20} {'images':>7} {'seconds':>8} {'max stall ms':>13} {'p99 stall ms':>13}")
     for name, images, seconds, stall in rows:
         print(f"{name:<20} {images:>7} {seconds:>8.1f} {stall['max']:>13.0f} {stall['p99']:>13.0f}")
+    if args.photos or args.photo_dir:
+        with tempfile.TemporaryDirectory() as temp:
+            step_through_photos(app, args, Path(temp))
 
 
 if __name__ == "__main__":

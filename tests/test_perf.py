@@ -224,3 +224,16 @@ def test_bench_reduced_decode_quick_prints_speed_and_prediction_agreement(traine
     assert "| 12 MP (4032x3024) | 1/" in training and "%" in training
     assert "top-1 agreement full vs reduced: 1.0000" in out  # digits are small: nothing was decoded smaller
     assert "decoded smaller: 0 " in out and "accuracy, reduced decode:" in out
+
+
+@pytest.mark.slow
+def test_bench_ui_prints_stalls_and_the_time_of_a_key_on_photos(trained_run):
+    result = run_script(str(BENCH / "bench_ui.py"), "--weights", str(trained_run / "best.pth"), "--images", "40",
+                        "--photos", "3", "--photo_size", "1536", "2048", "--rounds", "2", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "CPU:" in out and "worker run" in out and "GUI thread (naive)" in out
+    assert "Next through 3 photos (" in out and "1536" in out and "2048" in out
+    rows = {line.split("  ")[0]: line.split() for line in out.splitlines() if line.startswith(("in full", "for the"))}
+    assert rows["in full (before)"][3] == "4" and rows["for the screen"][3] == "4", rows  # 2 keys, 2 rounds
+    assert "median key, in full / for the screen:" in out

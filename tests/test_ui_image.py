@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_script, write_image
-from PyQt5.QtCore import QEvent, QPoint, QPointF, Qt
+from PyQt5.QtCore import QEvent, QPoint, QPointF, QSize, QSizeF, Qt
 from PyQt5.QtGui import QMouseEvent, QWheelEvent
 from PyQt5.QtWidgets import QApplication
 from test_ui import checkpoint, open_window, press, run_to_end  # noqa: F401  (fixtures and helpers)
 
 from ui_classification.image_view import GRID_MIN_PIXELS, ZOOM_STEP
 from ui_classification.window import ViewerOptions, ViewerWindow
+from utils.data import read_rgb
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +138,43 @@ def test_keys_zoom_fit_and_the_wheel_zooms_around_the_cursor(qtbot, viewer, tiny
     assert not view.fitted  # the picture moved with the mouse: right and down, so the view shows more of the left and top
     assert after.x() == pytest.approx(before.x() - 40 / view.zoom, abs=2 / view.zoom)
     assert after.y() == pytest.approx(before.y() - 30 / view.zoom, abs=2 / view.zoom)
+
+
+def test_a_large_photo_is_decoded_for_the_screen_and_in_full_once_zoomed_in(qtbot, viewer, tmp_path):
+    rng = np.random.default_rng(2)
+    for index in range(2):  # noise: a pixel of the full decode is told apart from a reduced one blown up
+        write_image(tmp_path / "3" / f"photo_{index}.jpg", rng.integers(0, 256, (1536, 2048, 3), dtype=np.uint8))
+    window = viewer(image_dir=str(tmp_path))
+    run_to_end(qtbot, window)
+    view = window.image_view
+    assert view.fitted and view.shrink >= 2, view.shrink  # a window a few hundred pixels wide
+    assert view.pixmap().size() == QSize(2048 // view.shrink, 1536 // view.shrink)
+    assert view.image_item.sceneBoundingRect().size() == QSizeF(2048, 1536)  # the scene keeps the full size
+    assert view.zoom * view.shrink <= 1  # no reduced pixel is blown up on screen
+
+    # zoomed in past the reduced pixels: the full decode takes their place, and nothing moves
+    while view.zoom * view.shrink <= 1:
+        press(qtbot, window, Qt.Key_Plus)
+    zoom, centre = view.zoom, view.mapToScene(view.viewport().rect().center())
+    qtbot.waitUntil(lambda: view.shrink == 1, timeout=10_000)
+    assert view.pixmap().size() == QSize(2048, 1536)
+    assert view.zoom == zoom and view.mapToScene(view.viewport().rect().center()) == centre
+    while view.screen_pixels_per_source_pixel < 4:
+        press(qtbot, window, Qt.Key_Plus)
+    full, image, top = read_rgb(window.predictions[window.current].path), rendered(view), view.image_item.pos().y()
+    middle = view.mapToScene(view.viewport().rect().center())
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (-2, 3)):  # the real pixels, nearest-neighbour
+        column, row = int(middle.x()) + dx, int(middle.y() - top) + dy
+        point = view.mapFromScene(QPointF(column + 0.5, top + row + 0.5))
+        assert rgb_at(image, point) == tuple(full[row, column]), (column, row)
+
+    # the next photo has the same size: the zoom stays, and it is decoded in full at once
+    zoom = view.zoom
+    press(qtbot, window, Qt.Key_Right)
+    assert window.current == 1 and not view.fitted and view.zoom == zoom and view.shrink == 1
+    press(qtbot, window, Qt.Key_F)
+    press(qtbot, window, Qt.Key_Left)  # fitted again: decoded for the screen
+    assert window.current == 0 and view.fitted and view.shrink >= 2
 
 
 def test_heat_map_toggle_draws_in_the_worker_and_is_cached(qtbot, viewer, digits_root):
