@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_script, write_image
+from PIL import Image
 from PyQt5.QtCore import QEvent, QPoint, QPointF, QSize, QSizeF, Qt
 from PyQt5.QtGui import QMouseEvent, QWheelEvent
 from PyQt5.QtWidgets import QApplication
@@ -141,9 +142,13 @@ def test_keys_zoom_fit_and_the_wheel_zooms_around_the_cursor(qtbot, viewer, tiny
 
 
 def test_a_large_photo_is_decoded_for_the_screen_and_in_full_once_zoomed_in(qtbot, viewer, tmp_path):
-    rng = np.random.default_rng(2)
-    for index in range(2):  # noise: a pixel of the full decode is told apart from a reduced one blown up
-        write_image(tmp_path / "3" / f"photo_{index}.jpg", rng.integers(0, 256, (1536, 2048, 3), dtype=np.uint8))
+    rng = np.random.default_rng(2)  # noise: a pixel of the full decode is told apart from a reduced one blown up
+    turned = Image.fromarray(rng.integers(0, 256, (2048, 1536, 3), dtype=np.uint8))
+    exif = turned.getexif()
+    exif[0x0112] = 6  # EXIF orientation: shown a quarter turn round, 1536 x 2048 as the other
+    (tmp_path / "3").mkdir()
+    turned.save(tmp_path / "3" / "photo_0.jpg", exif=exif.tobytes(), quality=92)
+    write_image(tmp_path / "3" / "photo_1.jpg", rng.integers(0, 256, (1536, 2048, 3), dtype=np.uint8))
     window = viewer(image_dir=str(tmp_path))
     run_to_end(qtbot, window)
     view = window.image_view
