@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 
 import cv2
 import numpy as np
@@ -327,3 +328,33 @@ def test_the_pre_scan_caches_its_header_checks_and_checks_a_changed_file_again(t
     opened.clear()
     assert [path for path, _ in scan_dataset(root, check_cache=cache).skipped] == [str(changed)]
     assert opened == []  # the bad verdict is cached too
+
+
+def test_the_stat_cache_stays_bounded_dropping_gone_files_first_then_the_oldest(tmp_path):
+    from utils.stat_cache import StatCache, file_stat
+
+    files = []
+    for index in range(8):
+        files.append(tmp_path / f"f{index}.txt")
+        files[-1].write_text(str(index))
+    cache = StatCache.open(tmp_path / "cache.sqlite", "facts", ["value"], version=1)
+    cache.max_rows, cache.pruned_rows = 6, 4
+
+    def kept() -> list[str]:
+        values = cache.lookup([str(f) for f in files], [file_stat(f) or (0, 0) for f in files])
+        return [f.name for f, value in zip(files, values) if value is not None]
+
+    cache.store([(str(f), file_stat(f), [f.name]) for f in files[:6]])  # at the limit: nothing dropped
+    assert kept() == [f"f{i}.txt" for i in range(6)]
+    files[1].unlink()
+    files[4].unlink()
+    cache.store([(str(f), file_stat(f), [f.name]) for f in files[6:]])  # 8 entries: over the limit
+    # the two gone files' entries go first; that leaves 6, still over 4: the two written longest ago go
+    rows = {key for (key,) in sqlite3.connect(tmp_path / "cache.sqlite").execute("SELECT key FROM facts")}
+    assert rows == {os.path.abspath(files[i]) for i in (3, 5, 6, 7)}, rows
+    cache.store([(str(files[3]), file_stat(files[3]), ["again"])])  # rewritten: now the newest
+    cache.max_rows, cache.pruned_rows = 3, 2
+    cache.store([(str(files[0]), file_stat(files[0]), ["back"])])  # 5 entries: 5 and 6 written longest ago
+    assert kept() == ["f0.txt", "f3.txt"]  # 5, 6 and 7 went; the rewritten 3 stayed, with its new value
+    assert cache.lookup([str(files[3])], [file_stat(files[3])]) == [("again",)]
+    cache.close()

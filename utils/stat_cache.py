@@ -11,6 +11,10 @@ One table per kind of fact, keyed by absolute path; an entry counts only while t
 again. The image fingerprints of utils.image_hash and the pre-scan's header checks of
 utils.data live in LOG_DIR/.cache/image_hashes.sqlite this way. A cache that cannot be used
 (read-only folder, damaged file, locked too long) only costs speed: it warns and the caller goes on.
+
+The file stays bounded however many datasets pass through it: once a table holds more than
+MAX_ROWS entries, `store` drops those of files that are gone, then the longest unwritten ones,
+down to PRUNED_ROWS. A dropped entry only means that file is read again the next time.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import Optional
 CACHE_TIMEOUT_S = 10.0  # wait this long for another process's write lock on the cache, then go on without it
 QUERY_CHUNK = 500  # keys per query: SQLite caps the number of parameters of one query
 Stat = tuple[int, int]  # (mtime_ns, size)
+MAX_ROWS = 1_000_000  # entries per table before store() prunes (about 150 MB for the fingerprints)
+PRUNED_ROWS = 900_000  # what a prune leaves: the next one comes after 100,000 new entries
 
 
 def file_stat(path: str | os.PathLike) -> Optional[Stat]:
@@ -44,6 +50,7 @@ class StatCache:
                  what: str = "cache"):
         self.connection, self.table, self.columns, self.version = connection, table, list(columns), version
         self.what = what  # how warnings name it: "hash cache", "header-check cache"
+        self.max_rows, self.pruned_rows = MAX_ROWS, PRUNED_ROWS
 
     @classmethod
     def open(cls, path: str | os.PathLike, table: str, columns: Sequence[str], version: int,
@@ -98,8 +105,28 @@ class StatCache:
         try:
             with self.connection:  # one transaction: all entries or none
                 self.connection.executemany(f"INSERT OR REPLACE INTO {self.table} VALUES ({marks})", rows)
+            self._prune()
         except sqlite3.Error as error:
             self._give_up(error)
+
+    def _prune(self) -> None:
+        """Over max_rows entries: drop those of files that no longer exist, then, if still over, the
+        longest unwritten (INSERT OR REPLACE gives a rewritten entry a new, highest rowid)."""
+        count = self.connection.execute(f"SELECT COUNT(*) FROM {self.table}").fetchone()[0]  # type: ignore[union-attr]
+        if count <= self.max_rows:
+            return
+        keys = [key for (key,) in self.connection.execute(f"SELECT key FROM {self.table}")]  # type: ignore[union-attr]
+        gone = [key for key in keys if not os.path.lexists(key)]
+        with self.connection:  # type: ignore[union-attr]
+            for start in range(0, len(gone), QUERY_CHUNK):
+                chunk = gone[start:start + QUERY_CHUNK]
+                self.connection.execute(  # type: ignore[union-attr]
+                    f"DELETE FROM {self.table} WHERE key IN ({', '.join('?' * len(chunk))})", chunk)
+            excess = count - len(gone) - self.pruned_rows
+            if excess > 0:
+                self.connection.execute(  # type: ignore[union-attr]
+                    f"DELETE FROM {self.table} WHERE rowid IN "
+                    f"(SELECT rowid FROM {self.table} ORDER BY rowid LIMIT ?)", (excess,))
 
     def _give_up(self, error: Exception) -> None:
         warnings.warn(f"{self.what} not used ({error}); every file is read again", stacklevel=3)
