@@ -131,6 +131,10 @@ class ImageView(QGraphicsView):
     def pixmap(self) -> QPixmap:
         return self.source
 
+    def needs_full_image(self) -> bool:
+        """A reduced decode shown larger than its pixels (zoomed in, or the window made larger)."""
+        return self.shrink > 1 and self.zoom * self.shrink * self.devicePixelRatioF() > 1.001
+
     def _image_size(self) -> QSizeF:
         """The image's size in scene units: its size before a reduced decode."""
         return QSizeF(self.source.width() * self.shrink, self.source.height() * self.shrink)
@@ -192,7 +196,7 @@ class ImageView(QGraphicsView):
         if self.source.isNull():
             return
         scale = self.zoom * self.shrink  # screen pixels per pixel of `source`
-        if self.shrink > 1 and scale * self.devicePixelRatioF() > 1.001:
+        if self.needs_full_image():
             self.full_image_wanted.emit()  # the window answers with set_full_image (queued)
         nearest = scale * self.pixel >= NEAREST_FROM
         self.image_item.setTransformationMode(Qt.FastTransformation if nearest else Qt.SmoothTransformation)

@@ -700,8 +700,8 @@ class ViewerWindow(QMainWindow):
         from ui_classification.annotate import to_qimage
         from utils.data import ImageReadError, read_rgb
 
-        if self.image_view.shrink == 1 or not 0 <= self.current < len(self.predictions):
-            return  # already answered (the view asks at every zoom step), or nothing shown
+        if not self.image_view.needs_full_image() or not 0 <= self.current < len(self.predictions):
+            return  # already answered (the view asks at every zoom step), or another picture since
         item = self.predictions[self.current]
         try:
             full = read_rgb(item.path)
