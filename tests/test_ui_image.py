@@ -269,6 +269,9 @@ def test_min_confidence_answers_unknown_and_counts_as_infer_does(qtbot, viewer, 
                                               "unknown": len(by_hand), "coverage": answered / len(window.predictions),
                                               "covered_accuracy": right / answered}
     assert f"{len(by_hand)} of {len(window.predictions)}" in window.metrics_view.toPlainText()
+    lines = window.metrics_view.toPlainText().splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("Speed")  # all shown, not behind a scroll bar
+    assert window.metrics_view.verticalScrollBar().maximum() == 0
     window.show_index(window.predictions.index(by_hand[0]))
     assert "Prediction: unknown (below --min_confidence" in window.current_label.text()
 

@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # torch-heavy: imported at run time only once the window is u
 
 TITLE_CLASSES_SHOWN = 8
 LOG_LINES_KEPT_ON_SCREEN = 5000  # the full log is still kept for Record
+METRICS_PANEL_LINES = 8  # LiveMetrics.panel with labels: 3 counts, 4 metrics, speed (--min_confidence adds 2)
 ENGINE_START_DELAY_MS = 100  # lets the window show itself before torch's import holds the GUI thread
 RUN_FOLDER_PREFIX = "run"  # each run with a save folder writes into <save folder>/run-<date>-<time>/
 _installed_translators: list[QTranslator] = []  # Qt's own texts (dialog buttons); kept alive while installed
@@ -277,7 +278,7 @@ class ViewerWindow(QMainWindow):
     def _metrics_column(self) -> QSplitter:
         """The summary, the per-class bars / table (tabs) and the progress above the confusion matrix."""
         t = self.text
-        self.metrics_view.setMaximumHeight(8 * self.metrics_view.fontMetrics().lineSpacing() + 12)
+        self._fit_metrics_panel(METRICS_PANEL_LINES)
         chart_scroll = QScrollArea()
         chart_scroll.setWidget(self.class_chart)
         chart_scroll.setWidgetResizable(True)
@@ -290,6 +291,15 @@ class ViewerWindow(QMainWindow):
         column.addWidget(self._group(t("confusion_title"), self.confusion_view))
         column.setSizes([420, 260])
         return column
+
+    def _fit_metrics_panel(self, lines: int) -> None:
+        """Tall enough for `lines` lines of the metrics without a scroll bar (the splitter used to squeeze
+        it to about 6); it only grows, so the panels below do not jump at every batch."""
+        view = self.metrics_view
+        margins = 2 * (view.frameWidth() + round(view.document().documentMargin())) + 2
+        height = lines * view.fontMetrics().height() + margins  # a line takes the font's height (measured)
+        if height > view.minimumHeight():
+            view.setFixedHeight(height)
 
     @staticmethod
     def _group(title: str, *widgets: QWidget) -> QGroupBox:
@@ -637,7 +647,9 @@ class ViewerWindow(QMainWindow):
         self.update_controls()
 
     def _refresh_metrics(self) -> None:
-        self.metrics_view.setPlainText(self.live.panel(self.text) if self.live else "")
+        panel = self.live.panel(self.text) if self.live else ""
+        self.metrics_view.setPlainText(panel)
+        self._fit_metrics_panel(panel.count("\n") + 1)
         rows = self.live.per_class() if self.live else []
         self.class_table.setRowCount(len(rows))
         for index, row in enumerate(rows):
