@@ -7,7 +7,6 @@ is busy inside `run`); a fresh pair per run means a stop can never leak into the
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,29 +22,10 @@ from inference.predictor import PredictionBatch, Predictor
 from ui_classification.annotate import annotate, save_annotated
 from ui_classification.results import TOP_K, ImagePrediction, predictions_from_batch
 from ui_classification.strings import Text
-from utils.data import ImageReadError, available_cores, read_rgb
+from utils.data import ImageReadError, read_rgb
 from utils.errors import UsageError
 
 PAUSE_POLL_SECONDS = 0.05
-
-
-@contextlib.contextmanager
-def one_core_for_the_window(device: object) -> Iterator[None]:
-    """The CPU forward pass on every core but one, which the window's thread keeps, then restore.
-
-    With every core in torch's OpenMP team, each wake-up of the GUI thread (a timer, a repaint)
-    deschedules a team member that the others wait for at every layer: bench/bench_ui.py's
-    500-image run took 16.5 s instead of 2.6 s on a loaded 2-core machine (cf. predictor._cpu_share).
-    """
-    if getattr(device, "type", str(device)) != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(before, available_cores() - 1)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass
@@ -203,8 +183,7 @@ class InferenceWorker(QObject):
     @pyqtSlot(object)
     def run(self, job: RunJob) -> None:
         try:
-            with one_core_for_the_window(self.predictor.device if self.predictor else "cpu"):
-                completed = self._classify(job)
+            completed = self._classify(job)  # on every core: runui.py lets OpenMP's idle threads sleep
         except Exception as error:  # e.g. out of memory: end this run and report it, keep the window
             self.run_failed.emit(f"{type(error).__name__}: {error}")
             return
