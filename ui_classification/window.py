@@ -684,7 +684,7 @@ class ViewerWindow(QMainWindow):
     def _draw(self, item: ImagePrediction) -> None:
         """The picture of `item`: the image, or with the heat map on, the image with its heat map
         (once the worker has drawn it; the plain image meanwhile). A large JPEG is decoded at the
-        size the view shows it (a 12 MP photo in a window: 1/4, 4x faster), in full once zoomed in."""
+        size the view shows it (a 12 MP photo: 1/8 or 1/4, about 3x faster a key), in full once zoomed in."""
         from ui_classification.annotate import picture, to_qimage  # loaded with the worker already
         from utils.data import ImageReadError, read_rgb_reduced
 
