@@ -33,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as runui.py sets it, befo
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from benchlib import machine_description, photo_like  # noqa: E402
 from PIL import Image  # noqa: E402
 from PyQt5.QtCore import QElapsedTimer, QEventLoop, Qt, QTimer  # noqa: E402
@@ -167,6 +168,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     app = QApplication(sys.argv[:1])
+    # The GUI thread's torch threads are fixed at its first torch call. Made now, before the worker's
+    # decode threads lower the default for threads that start later (inference/decoding.py), the naive
+    # row gets every core, as a viewer that classified in its GUI thread would (it got one).
+    torch.get_num_threads()
     with tempfile.TemporaryDirectory() as temp:
         folder = build_folder(Path(temp), args.copies * 270 if args.copies else args.images)
         count = len(list_images(folder))
