@@ -169,7 +169,7 @@ def load_embedding_model(weights: str | os.PathLike) -> tuple[nn.Module, Preproc
                          "train.py (it names the model and its preprocessing)")
     preprocess = Preprocess.from_dict(checkpoint["preprocess"])
     name = checkpoint["model"]
-    model = create_model(name, len(checkpoint["class_names"]), tuple(preprocess.input_size),
+    model = create_model(name, len(checkpoint["class_names"]), tuple(preprocess.input_size), weights_follow=True,
                          **(checkpoint.get("model_kwargs") or {}))
     load_model_weights(model, checkpoint["state_dict"], str(weights))
     height, width = preprocess.input_size

@@ -187,7 +187,8 @@ class Predictor:
             preprocess = Preprocess.from_dict(checkpoint["preprocess"])
             model_kwargs = checkpoint.get("model_kwargs") or {}
             try:
-                model = create_model(model_name, len(class_names), tuple(preprocess.input_size), **model_kwargs)
+                model = create_model(model_name, len(class_names), tuple(preprocess.input_size), weights_follow=True,
+                                     **model_kwargs)
             except UsageError as error:  # the stored model, input size or model_kwargs: the file's fault
                 raise UsageError(f"checkpoint {path} holds a model that cannot be built: {error}") from None
         else:
@@ -196,7 +197,7 @@ class Predictor:
                                  f"in output order), and --input_shape if it is not {DEFAULT_INPUT_SIDE}")
             check_model_name(model_name)
             preprocess = Preprocess(input_size=parse_input_shape(input_shape)) if input_shape else Preprocess()
-            model = create_model(model_name, len(class_names), tuple(preprocess.input_size))
+            model = create_model(model_name, len(class_names), tuple(preprocess.input_size), weights_follow=True)
         _check_head_size(model, checkpoint["state_dict"], len(class_names), path)
         try:
             load_model_weights(model, checkpoint["state_dict"], path)

@@ -11,7 +11,6 @@ Where the weight files come from (download, cache, verify) is models/pretrained.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
 from typing import Optional
@@ -20,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from models.pretrained import WeightsError
+from utils.checkpoint import with_module_versions
 
 _HEAD_NAMES = ("fc", "classifier", "heads", "head")  # torchvision's names for the classifier module
 
@@ -31,14 +31,6 @@ def _add_pre_hook(module: nn.Module, hook):
     if hasattr(module, "register_load_state_dict_pre_hook"):  # public from torch 2.5
         return module.register_load_state_dict_pre_hook(hook)
     return module._register_load_state_dict_pre_hook(hook, with_module=True)
-
-
-def _with_metadata(state_dict: Mapping, model: nn.Module) -> OrderedDict:
-    state = OrderedDict(state_dict)
-    metadata = getattr(state_dict, "_metadata", None)
-    # Without versions some modules refuse to load (MNASNet); assume the file matches this code.
-    state._metadata = metadata if metadata is not None else getattr(model.state_dict(), "_metadata", {})
-    return state
 
 
 def load_matching_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "the weights",
@@ -68,7 +60,7 @@ def load_matching_weights(model: nn.Module, state_dict: Mapping[str, torch.Tenso
     target = model_name or type(model).__name__
     handles = [_add_pre_hook(module, drop_misfits) for module in model.modules()]
     try:
-        result = model.load_state_dict(_with_metadata(state_dict, model), strict=False)
+        result = model.load_state_dict(with_module_versions(state_dict, model), strict=False)
     except (RuntimeError, ValueError) as error:
         raise WeightsError(f"{source} does not load into {target}: "
                            f"{str(error).strip().splitlines()[-1].strip()}") from None

@@ -16,6 +16,7 @@ import warnings
 from functools import partial
 from typing import Callable
 
+import torch
 import torch.nn as nn
 import torchvision
 from natsort import natsorted
@@ -97,19 +98,30 @@ def check_input_size(name: str, input_size: tuple[int, int]) -> None:
         raise UsageError(f"{name} needs an --input_shape made of multiples of 224, got {height} {width}")
 
 
-def create_model(name: str, num_classes: int, input_size: tuple[int, int] = (DEFAULT_INPUT_SIDE, DEFAULT_INPUT_SIDE), **model_kwargs) -> nn.Module:
+def create_model(name: str, num_classes: int, input_size: tuple[int, int] = (DEFAULT_INPUT_SIDE, DEFAULT_INPUT_SIDE),
+                 *, weights_follow: bool = False, **model_kwargs) -> nn.Module:
     """Build registry model `name` with a fresh `num_classes` head for inputs of `input_size`.
 
     `model_kwargs` go to the torchvision builder (the checkpoint keeps them, e.g. the
     `transform_input=True` that GoogLeNet/Inception use with ImageNet weights).
+    weights_follow=True: the caller loads every weight next (`utils.checkpoint.load_model_weights`),
+    so the model is built on the meta device, without the random initialisation it would throw away
+    (0.1 s for resnet18, 0.5 s for vit_b_16, and no second copy of the weights in memory).
     """
     check_model_name(name)
     check_input_size(name, input_size)
     reserved = sorted(set(model_kwargs) & set(_SET_BY_BUILD))
     if reserved:  # e.g. "weights" would make torchvision download ImageNet weights
         raise UsageError(f"model_kwargs may not set {', '.join(reserved)} (the registry sets them)")
+    build = partial(MODEL_CLASSES[name], num_classes=num_classes, input_size=tuple(input_size), **model_kwargs)
     try:
-        return MODEL_CLASSES[name](num_classes=num_classes, input_size=tuple(input_size), **model_kwargs)
+        if weights_follow:
+            try:
+                with torch.device("meta"):
+                    return build()
+            except NotImplementedError:  # a constructor that reads its own tensors (RegNet's): build for real
+                pass
+        return build()
     except TypeError as error:
         if not model_kwargs:
             raise

@@ -221,8 +221,24 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def with_module_versions(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> OrderedDict:
+    """A copy of the state_dict that carries torchvision's per-module versions (`_metadata`).
+
+    Without them some modules refuse to load (MNASNet); a state_dict that lost them (rebuilt as a
+    plain dict) is assumed to match this code's versions.
+    """
+    state = OrderedDict(state_dict)
+    metadata = getattr(state_dict, "_metadata", None)
+    state._metadata = metadata if metadata is not None else getattr(model.state_dict(), "_metadata", {})
+    return state
+
+
 def load_model_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load weights that must fit exactly (inference, resume); a mismatch is a short UsageError."""
+    """Load weights that must fit exactly (inference, resume); a mismatch is a short UsageError.
+
+    A model built on the meta device (`create_model(..., weights_follow=True)`) takes the
+    checkpoint's tensors as its own, in the dtype the model declares.
+    """
     state_dict = strip_wrapper_prefixes(state_dict)
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
@@ -234,7 +250,16 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
             if keys]
         raise UsageError(f"{source} does not fit the model {type(model).__name__}: {'; '.join(details)} "
                          "(wrong --model, or a checkpoint for another number of classes?)")
-    model.load_state_dict(state_dict, strict=True)
+    state_dict = with_module_versions(state_dict, model)
+    if not any(tensor.is_meta for tensor in own.values()):
+        model.load_state_dict(state_dict, strict=True)
+        return
+    for key, tensor in state_dict.items():
+        state_dict[key] = tensor.to(own[key].dtype)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if left:  # a tensor outside the state_dict would stay without data: a bug, not the user's
+        raise RuntimeError(f"{type(model).__name__} built on the meta device keeps {left[0]} without data")
 
 
 def capture_rng_state() -> dict[str, Any]:
