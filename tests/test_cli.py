@@ -88,3 +88,20 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 141
     assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr
+
+
+def test_a_dead_data_loading_worker_is_named_with_its_likely_cause():
+    from utils.cli import describe_worker_death
+
+    said = {
+        "DataLoader worker (pid 19076) is killed by signal: Killed. ": "out of memory",
+        "DataLoader worker (pid 5) is killed by signal: Bus error. It is possible that dataloader's workers are out "
+        "of shared memory. Please try to raise your shared memory limit.": "shared memory",
+        "DataLoader worker (pid(s) 12, 13) exited unexpectedly": "--workers 0",
+        "DataLoader worker (pid 7) exited unexpectedly with exit code 1. Details are lost due to multiprocessing.":
+            "--workers 0",
+    }
+    for torch_words, cause in said.items():
+        line = describe_worker_death(RuntimeError(torch_words))
+        assert line.startswith("a data-loading worker process (pid ") and cause in line and "\n" not in line
+    assert describe_worker_death(RuntimeError("CUDA out of memory")) is None

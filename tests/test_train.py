@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -102,9 +103,10 @@ def test_binary_awkward_images_train_and_the_dataset_is_untouched(tmp_path):
     assert _tree_digest(root) == before
 
 
-def _start(args: list[str]) -> subprocess.Popen:
+def _start(args: list[str], own_group: bool = False) -> subprocess.Popen:
+    """train.py with its output piped; own_group: in a process group of its own (with its workers)."""
     return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8", start_new_session=own_group,
                             preexec_fn=_default_ctrl_c if sys.platform != "win32" else None)
 
 
@@ -164,6 +166,56 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tmp_path):
     assert "Traceback" not in err and "--resume_training" in out
     checkpoint = torch.load(run_dir / "last.pth", weights_only=True)
     assert "optimizer" in checkpoint and f"holds epoch {checkpoint['epoch']};" in out
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and signals are POSIX")
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_whole_process_group_stops_like_ctrl_c(tmp_path, signal_number):
+    """`timeout`, Slurm and systemd signal every process of the job, DataLoader workers too (so does
+    Ctrl-C in a terminal). Workers killed by SIGTERM made the main process raise "DataLoader worker
+    ... is killed by signal" during its own orderly stop: a traceback instead of the resume command."""
+    root = make_class_tree(tmp_path / "ds", {"a": 24, "b": 24}, size=32)
+    logs = tmp_path / "logs"
+    process = _start(["--dataset_path", str(root), *FAST, "--workers", "2", "--epochs", "50", "--log_dir", str(logs)],
+                     own_group=True)
+    _wait_for_epochs(logs, 1, process)
+    os.killpg(process.pid, signal_number)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "continue with" in stdout
+    assert "Traceback" not in stderr and "killed by signal" not in stderr, stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through Linux's /proc")
+def test_a_killed_worker_is_one_line_naming_the_likely_cause(tmp_path):
+    """The kernel's out-of-memory killer ends a worker with SIGKILL: one line, not torch's traceback."""
+    root = make_class_tree(tmp_path / "ds", {"a": 24, "b": 24}, size=32)
+    logs = tmp_path / "logs"
+    process = _start(["--dataset_path", str(root), *FAST, "--workers", "2", "--epochs", "50", "--log_dir", str(logs)])
+    _wait_for_epochs(logs, 1, process)
+    children = " ".join(path.read_text() for path in Path(f"/proc/{process.pid}/task").glob("*/children")).split()
+    os.kill(int(children[0]), signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"error: a data-loading worker process (pid {children[0]}) "
+                                                      "was killed by signal Killed; the machine probably ran out of memory")
+
+
+def test_a_closed_stdout_does_not_stop_the_run(tmp_path):
+    """`train.py | head`, or a killed `tee`: the run goes on to its end with every line in train.log."""
+    root = make_class_tree(tmp_path / "ds", {"a": 8, "b": 8}, size=32)
+    logs = tmp_path / "logs"
+    process = _start(["--dataset_path", str(root), *FAST, "--epochs", "2", "--log_dir", str(logs)])
+    assert process.stdout.readline().startswith("Run folder:")
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 0, stderr
+    assert "Traceback" not in stderr and "Logging error" not in stderr, stderr
+    log = (_only_run(logs) / "train.log").read_text(encoding="utf-8")
+    assert "stdout was closed (its reader went away)" in log
+    assert "Epoch 2" in log or "epoch 2" in log.lower()
+    assert (_only_run(logs) / "best.pth").is_file() and "Run folder:" in log.splitlines()[-1]
 
 
 def test_diverging_loss_stops_with_a_hint(tmp_path):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.data import ImageDataset, ImageReadError, Sample, read_rgb
+from utils.data import ImageDataset, ImageReadError, Sample, read_rgb, stop_worker_like_ctrl_c
 from utils.errors import UsageError
 from utils.transforms import Preprocess, build_cache_transform, build_eval_transform
 
@@ -97,7 +97,7 @@ class RamCache:
         """Decode and prepare every sample once (in `workers` processes); refuse to exceed the budget."""
         budget = available_memory() * RAM_SHARE if budget_bytes is None else budget_bytes
         loader = torch.utils.data.DataLoader(_FillSet(_PrepareOne(samples, prepare)), batch_size=None,
-                                             num_workers=workers)
+                                             num_workers=workers, worker_init_fn=stop_worker_like_ctrl_c)
         images: list[Optional[torch.Tensor]] = [None] * len(samples)
         errors: dict[int, str] = {}
         total = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import sys
 import threading
 from typing import Callable, NoReturn, Optional
@@ -33,10 +34,10 @@ def run_cli(main: Callable[[], object],
         print("interrupted", file=sys.stderr)
         code = 130
     except BrokenPipeError:  # `infer.py ... | head` closed our stdout: stop quietly, as `cat` would
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush must not fail again
+        discard_stdout()  # the final flush must not fail again
         code = 141  # what a shell reports for a command ended by SIGPIPE
     except RuntimeError as error:
-        message = explain_failure(error) if explain_failure else None
+        message = describe_worker_death(error) or (explain_failure(error) if explain_failure else None)
         if message is None:
             raise
         print(f"error: {_rank_prefix()}{message}", file=sys.stderr)
@@ -45,6 +46,34 @@ def run_cli(main: Callable[[], object],
         exit_without_teardown(code)
     if code:
         sys.exit(code)
+
+
+def discard_stdout() -> None:
+    """Point stdout at the null device: its reader went away, and later writes must not fail."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+
+
+# torch's words when a DataLoader worker process died: "DataLoader worker (pid 123) is killed by
+# signal: Killed.", "... (pid(s) 123, 124) exited unexpectedly", "... exited unexpectedly with exit code 1."
+_WORKER_DEATH = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (is killed by signal: [^.]+|exited unexpectedly[^.]*)")
+
+
+def describe_worker_death(error: BaseException) -> Optional[str]:
+    """One line with the likely cause when a DataLoader worker process died, else None."""
+    found = _WORKER_DEATH.search(str(error))
+    if not found:
+        return None
+    how = found.group(2).replace("is killed by signal: ", "was killed by signal ")
+    what = f"a data-loading worker process (pid {found.group(1)}) {how}"
+    if how.endswith("Killed"):  # SIGKILL: almost always the kernel's out-of-memory killer
+        hint = "the machine probably ran out of memory: use fewer --workers or a smaller --batch_size"
+    elif how.endswith("Bus error"):
+        hint = "the workers ran out of shared memory (/dev/shm; in Docker raise --shm-size): use fewer --workers"
+    else:
+        hint = "run again with --workers 0 to see the error in the main process"
+    return f"{what}; {hint}"
 
 
 def exit_without_teardown(code: int) -> NoReturn:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -488,6 +489,16 @@ def default_workers(num_images: int) -> int:
     return min(8, cores)
 
 
+def stop_worker_like_ctrl_c(worker_id: int) -> None:
+    """worker_init_fn: SIGTERM ends a DataLoader worker as Ctrl-C does, quietly (torch's worker loop).
+
+    `timeout`, Slurm and systemd send SIGTERM to every process of a job at once. A worker killed by
+    it made the main process raise "DataLoader worker ... is killed by signal: Terminated" in the
+    middle of its own orderly stop: a traceback instead of the resume command.
+    """
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def create_dataloader(
     dataset: torch.utils.data.Dataset,
     batch_size: int,
@@ -525,4 +536,5 @@ def create_dataloader(
         generator=generator,
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=persistent and workers > 0,
+        worker_init_fn=stop_worker_like_ctrl_c,
     )

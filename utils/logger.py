@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
+from utils.cli import discard_stdout
 from utils.errors import UsageError
 from utils.files import check_output_dir
 
@@ -102,6 +103,20 @@ def discard_unfinished_run(run_dir: Path, reason: str, interrupted: bool = False
     return f"The run stopped before its first epoch ended; {run_dir} is kept ({why_kept}), marked by FAILED.txt"
 
 
+class _Console(logging.StreamHandler):
+    """stdout. When its reader goes away (`train.py | head`, a `tee` that was killed) the run goes on:
+    this handler steps aside, train.log keeps every line, and stdout writes go nowhere."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not isinstance(sys.exc_info()[1], BrokenPipeError):
+            super().handleError(record)
+            return
+        logger = logging.getLogger("pytorch_classification")
+        logger.removeHandler(self)
+        discard_stdout()
+        logger.info("stdout was closed (its reader went away): the run goes on, writing train.log only")
+
+
 def setup_logging(run_dir: Optional[Path], quiet: bool = False) -> logging.Logger:
     """Console (stdout) and run_dir/train.log get the same lines."""
     logger = logging.getLogger("pytorch_classification")
@@ -111,7 +126,7 @@ def setup_logging(run_dir: Optional[Path], quiet: bool = False) -> logging.Logge
         logger.removeHandler(handler)
         handler.close()
     if not quiet:
-        console = logging.StreamHandler(sys.stdout)
+        console = _Console(sys.stdout)
         console.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(console)
     if run_dir is not None:
