@@ -214,7 +214,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         scan.files, val_ratio=args.val_ratio, test_ratio=args.test_ratio, seed=args.seed, hashes=keys
     )
     if "val" not in plan.splits:
-        raise UsageError(f"no class in --src {args.src} has {MIN_CLASS_SIZE} or more images: nothing for val/")
+        raise UsageError(nothing_for_val(plan, args.src))
     print(report(scan, plan, near_distance))
     if args.dry_run:
         if removals:
@@ -230,6 +230,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     remove_journal(args.dst)
     totals = ", ".join(f"{s} {sum(row[s] for row in plan.counts().values())}" for s in plan.splits)
     print(f"Done: {args.mode} {len(rows)} file(s) into {args.dst} ({totals}); wrote {csv_path}")
+
+
+def nothing_for_val(plan: SplitPlan, src: str) -> str:
+    """Why no file could go to val/: tiny classes, or copies of one picture under several labels."""
+    if len(plan.small_classes) == len(plan.class_names):
+        return f"no class in --src {src} has {MIN_CLASS_SIZE} or more images: nothing for val/"
+    shared = [g for g in plan.duplicate_groups if len(g.classes) > 1]
+    return (f"nothing in --src {src} can go to val/: its images are copies or near duplicates of pictures in "
+            f"other classes ({len(shared)} group(s) of the same picture under several labels), kept in train; "
+            f"python audit_dataset.py --dataset_path {src} lists them (--phash_distance -1 groups only identical files)")
 
 
 def write_records(dst: str, settings: dict, rows: list) -> str:

@@ -286,6 +286,25 @@ def test_duplicates_kept_together_and_counts_kept():
         assert group.moved == [(p, planned[p]) for p in group.paths if planned[p] != group.split]
 
 
+def test_a_class_made_of_copies_still_gets_val_and_test_in_whole_groups():
+    """Frames of a few videos, one picture saved many times: every file has copies. Pulling each group
+    into train (where most of its members were planned) with no ordinary file to swap left val and
+    test empty; whole groups go there instead, about their planned size."""
+    names = _names(40)
+    hashes = {p: f"video{i // 5}" for i, p in enumerate(names)}  # 8 groups of 5 frames
+    plan = plan_split({"img": names}, val_ratio=0.2, test_ratio=0.2, seed=0, hashes=hashes)
+    split_of = {a.path: a.split for a in plan.assignments}
+    counts = plan.counts()["img"]
+    assert 5 <= counts["val"] <= 10 and 5 <= counts["test"] <= 10 and counts["train"] >= 20, counts
+    for group in plan.duplicate_groups:
+        assert {split_of[p] for p in group.paths} == {group.split}
+    plain = {a.path: a.split for a in plan_split({"img": names}, val_ratio=0.2, test_ratio=0.2, seed=0).assignments}
+    for group in plan.duplicate_groups:  # moved: exactly the members planned elsewhere, with that split
+        assert group.moved == [(p, plain[p]) for p in group.paths if plain[p] != group.split]
+    again = plan_split({"img": list(reversed(names))}, val_ratio=0.2, test_ratio=0.2, seed=0, hashes=hashes)
+    assert again.assignments == plan.assignments
+
+
 def test_duplicate_across_classes_is_reported_with_both_classes():
     files = {"a": _names(10, "a"), "b": _names(10, "b")}
     plain = {x.path: x.split for x in plan_split(files, val_ratio=0.3, seed=0).assignments}
@@ -585,6 +604,18 @@ def test_cli_dry_run_writes_nothing(src, tmp_path):
     assert f"total {NUM_IMAGES} " in " ".join(result.stdout.split())
     assert not dst.exists()
     assert _all_files(src) == before
+
+
+def test_cli_copies_under_several_labels_explain_the_empty_val(tmp_path):
+    picture = np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    for name in ("cat", "dog"):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(picture).save(tmp_path / "src" / name / f"{i}.png")
+    result = _run_cli("--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "copies or near duplicates of pictures in other classes (1 group(s)" in result.stderr
+    assert not (tmp_path / "dst").exists()
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):

@@ -171,13 +171,16 @@ def plan_split(
     split_of: dict[str, str] = {}
     class_of: dict[str, str] = {}
     order: dict[str, list[str]] = {}
+    planned: dict[str, tuple[int, int]] = {}  # class -> (val, test) sizes
     for class_name, paths in files.items():
         order[class_name] = _shuffled(paths, class_name, seed)
         _, n_val, n_test = split_counts(len(paths), val_ratio, test_ratio)
+        planned[class_name] = (n_val, n_test)
         for i, path in enumerate(order[class_name]):
             split_of[path] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
             class_of[path] = class_name
     groups = _keep_duplicates_together(split_of, class_of, order, hashes or {})
+    _refill_eval_splits(split_of, class_of, order, groups, planned)
     assignments = [
         Assignment(path, class_of[path], split_of[path])
         for path in sorted(split_of, key=lambda p: (_natural_key(class_of[p]), class_of[p], _path_key(p)))
@@ -222,6 +225,43 @@ def _keep_duplicates_together(
                 _move_with_swap(path, target, split_of, order[class_of[path]], locked)
         groups.append(group)
     return groups
+
+
+def _refill_eval_splits(split_of: dict[str, str], class_of: dict[str, str], order: dict[str, list[str]],
+                        groups: list[DuplicateGroup], planned: dict[str, tuple[int, int]]) -> None:
+    """Give val and test back what duplicate groups took from them (edits `split_of` and `groups`).
+
+    A group that went to train displaces no file when its class has no ordinary file left to swap
+    with: a class made mostly of copies (frames of a few videos, one picture saved many times)
+    would end with val or test short, or empty. Whole groups of that class then move from train to
+    the short split, in the class's shuffled order: each one that brings the split closer to its
+    planned size, as long as train keeps a file. Groups spanning classes stay in train.
+    """
+    counts = {name: Counter() for name in order}
+    for path, split in split_of.items():
+        counts[class_of[path]][split] += 1
+    position = {path: i for paths in order.values() for i, path in enumerate(paths)}
+    in_train: dict[str, list[DuplicateGroup]] = defaultdict(list)
+    for group in sorted(groups, key=lambda g: min(position[p] for p in g.paths)):
+        if group.split == "train" and len(group.classes) == 1:
+            in_train[group.classes[0]].append(group)
+    for name, targets in planned.items():
+        count = counts[name]
+        for split, target in zip(("val", "test"), targets):
+            for group in list(in_train[name]):
+                size = len(group.paths)
+                if count[split] >= target:
+                    break
+                if size >= 2 * (target - count[split]) or size >= count["train"]:
+                    continue  # it would overshoot by more than it fills, or empty train
+                was = dict(group.moved)
+                group.split, group.moved = split, [(p, was.get(p, "train")) for p in group.paths
+                                                   if was.get(p, "train") != split]
+                for path in group.paths:
+                    split_of[path] = split
+                count[split] += size
+                count["train"] -= size
+                in_train[name].remove(group)
 
 
 def _move_with_swap(path: str, target: str, split_of: dict[str, str], class_order: list[str], locked: set) -> None:
