@@ -38,6 +38,11 @@ class RunResult:
     wall: float  # seconds from launch to exit
     epoch_times: list[float] = field(default_factory=list)  # seconds from launch at which each epoch line arrived
     accuracies: list[float] = field(default_factory=list)  # val accuracy after each epoch
+    first_step: float = 0.0  # seconds from launch to train.py's last line before its first epoch
+
+    def outside_epochs(self) -> float:
+        """Seconds before the first epoch began and after the last epoch's line: start-up and final report."""
+        return self.first_step + self.wall - self.epoch_times[-1]
 
 
 def write_tinted_dataset(root: Path, side: tuple[int, int], train: int, val: int, seed: int = 0) -> Path:
@@ -54,8 +59,11 @@ def write_tinted_dataset(root: Path, side: tuple[int, int], train: int, val: int
     return root
 
 
+TRAINING_STARTS = "Effective batch size"  # train.py's last line before its first epoch
+
+
 def timed_process(command: list[str], epoch_prefix: str) -> tuple[RunResult, str]:
-    """Run `command`, noting when each stdout line starting with `epoch_prefix` arrives."""
+    """Run `command`, noting when each stdout line starting with `epoch_prefix` arrives (and TRAINING_STARTS)."""
     result = RunResult(0.0)
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -65,6 +73,8 @@ def timed_process(command: list[str], epoch_prefix: str) -> tuple[RunResult, str
         lines.append(line)
         if line.startswith(epoch_prefix):
             result.epoch_times.append(time.perf_counter() - started)
+        elif line.startswith(TRAINING_STARTS):
+            result.first_step = time.perf_counter() - started
     stderr = process.stderr.read()  # type: ignore[union-attr]
     process.wait()
     result.wall = time.perf_counter() - started
@@ -122,6 +132,8 @@ def measure_dataset(name: str, data: Path, work: Path, settings: dict, ceiling_r
             "wall_ratio": statistics.median(r.wall / o.wall for o, r in zip(ours, reference)),
             "first_ours": ours[0].wall, "compute": compute,
             "compute_share": statistics.median(compute / o.wall for o in ours),
+            "outside": statistics.median(o.outside_epochs() for o in ours),
+            "share_cap": statistics.median(compute / (compute + o.outside_epochs()) for o in ours),
             "reference_share": statistics.median(compute / r.wall for r in reference),
             "target_acc": statistics.median(r.accuracies[-1] for r in reference),
             "ours_acc": statistics.median(o.accuracies[-1] for o in ours),
@@ -153,7 +165,10 @@ def report(rows: list[dict], settings: dict, ceiling_rate: float) -> str:
         _goal(f"train.py wall <= the reference's ({small['name']})", small["wall_ratio"] >= TARGET_WALL,
               f"reference/train.py {small['wall_ratio']:.2f}"),
         _goal(f"training compute >= {TARGET_COMPUTE_SHARE:.0%} of train.py's wall ({small['name']})",
-              small["compute_share"] >= TARGET_COMPUTE_SHARE, f"{small['compute_share']:.0%}"),
+              small["compute_share"] >= TARGET_COMPUTE_SHARE,
+              f"{small['compute_share']:.0%}; at most {small['share_cap']:.0%} for this job on this machine even with "
+              f"the epochs at the ceiling: {small['outside']:.1f} s of the run are before its first epoch and after "
+              "its last, start-up and the final report"),
         "Wall and time-to-accuracy ratios are medians of per-round ratios (reference / train.py: above 1, "
         "train.py is faster); 'first' is train.py's first round (leakage-check and header caches cold).",
     ]

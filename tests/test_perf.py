@@ -203,6 +203,7 @@ def test_bench_train_quick_prints_its_table_and_targets():
     assert "Target ours >= 1.3x reference" in out and "matmul peak" in out
     assert "| 64 px JPEGs" in out and "| 500x375 photos" in out and "reference/train.py" in out
     assert "Goal train.py wall <= the reference's" in out and "lscpu model:" in out
+    assert "for this job on this machine even with the epochs at the ceiling" in out
 
 
 @pytest.mark.slow
