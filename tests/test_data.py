@@ -358,3 +358,31 @@ def test_the_stat_cache_stays_bounded_dropping_gone_files_first_then_the_oldest(
     assert kept() == ["f0.txt", "f3.txt"]  # 5, 6 and 7 went; the rewritten 3 stayed, with its new value
     assert cache.lookup([str(files[3])], [file_stat(files[3])]) == [("again",)]
     cache.close()
+
+
+def test_a_stopped_file_pool_drops_the_files_not_started():
+    """Ctrl-C during a scan of many files: the pool finishes the running ones, not the whole queue
+    (a plain `with ThreadPoolExecutor()` went on through all of them before the script could exit)."""
+    import threading
+    import time
+
+    from utils.files import stoppable_thread_pool
+
+    done = []
+    lock = threading.Lock()
+
+    def slow(item: int) -> int:
+        time.sleep(0.01)
+        with lock:
+            done.append(item)
+        return item
+
+    with pytest.raises(KeyboardInterrupt):
+        with stoppable_thread_pool(2) as pool:
+            results = pool.map(slow, range(300))  # held, as a progress bar holds it: not closed by the raise
+            for result in results:
+                if result == 3:
+                    raise KeyboardInterrupt
+    assert 4 <= len(done) < 20, len(done)
+    with stoppable_thread_pool(2) as pool:  # run to the end, it is a plain pool
+        assert list(pool.map(slow, range(50))) == list(range(50))

@@ -16,7 +16,6 @@ import signal
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional, Union
@@ -28,7 +27,7 @@ from natsort import natsorted
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from utils.errors import UsageError
-from utils.files import VAL_SPLIT_NAMES, list_class_dirs, list_images
+from utils.files import VAL_SPLIT_NAMES, list_class_dirs, list_images, stoppable_thread_pool
 from utils.stat_cache import StatCache, file_stat
 
 Sample = tuple[str, int]  # (image path, class index)
@@ -234,8 +233,8 @@ def find_unreadable(paths: Sequence[str], threads: int = 8,
     stats = [file_stat(path) for path in paths] if cache else [None] * len(paths)
     known = cache.lookup(paths, stats) if cache else [None] * len(paths)
     todo = [i for i, row in enumerate(known) if row is None]
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        checked = dict(zip(todo, pool.map(check_image, [paths[i] for i in todo], chunksize=64)))
+    with stoppable_thread_pool(threads) as pool:
+        checked = dict(zip(todo, pool.map(check_image, [paths[i] for i in todo])))
     if cache:
         cache.store([(paths[i], stats[i], (checked[i] or "",)) for i in todo
                      if stats[i] is not None and not (checked[i] or "").startswith("cannot read")])

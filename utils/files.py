@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -104,3 +107,18 @@ def check_output_dir(folder: str | os.PathLike, flag: str) -> None:
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise UsageError(f"{subject()} is not writable (read-only or permission denied); "
                          "choose a folder you can write to")
+
+
+@contextlib.contextmanager
+def stoppable_thread_pool(threads: int) -> Iterator[ThreadPoolExecutor]:
+    """A ThreadPoolExecutor for work over many files (reads, decoding and hashing release the GIL).
+
+    When the block ends by an exception, Ctrl-C or SIGTERM included, the files not started yet are
+    dropped and only the running ones finish. A plain `with ThreadPoolExecutor()` waits for every
+    queued file: a stopped 22,000-image scan went on for 11 s before train.py could exit.
+    """
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

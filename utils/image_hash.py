@@ -23,7 +23,6 @@ import os
 import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass, field
 from typing import Optional
 
@@ -33,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.data import JPEG_FORMATS, ImageReadError, available_cores, read_rgb
-from utils.files import file_digest
+from utils.files import file_digest, stoppable_thread_pool
 from utils.stat_cache import StatCache, file_stat
 
 FINGERPRINT_VERSION = 2  # part of every cache key: bump when the hash or the reader changes
@@ -161,7 +160,7 @@ def fingerprint_files(paths: Sequence[str], cache_path: Optional[str | os.PathLi
         found = {i: fp for i, fp in enumerate(cache.lookup(paths, stats)) if fp is not None}
     missing = [i for i in range(len(paths)) if i not in found]
     threads = workers or min(8, available_cores())
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    with stoppable_thread_pool(threads) as pool:
         computed = pool.map(compute_fingerprint, [paths[i] for i in missing])
         bar = tqdm(computed, total=len(missing), desc="hashing images", disable=not progress or not missing,
                    leave=False, file=sys.stderr, dynamic_ncols=True)

@@ -16,7 +16,6 @@ import shutil
 import signal
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -24,7 +23,7 @@ from typing import Optional
 from natsort import natsorted
 
 from utils.errors import UsageError
-from utils.files import VAL_SPLIT_NAMES, file_digest, is_image_file, list_class_dirs
+from utils.files import VAL_SPLIT_NAMES, file_digest, is_image_file, list_class_dirs, stoppable_thread_pool
 from utils.split import SPLITS, Assignment, SplitPlan
 
 MODES = ("copy", "hardlink", "symlink", "move")
@@ -129,7 +128,7 @@ def hash_files(paths: Sequence[str], threads: int = 4) -> dict[str, str]:
 
     A file that cannot be read is a UsageError naming it and the OS error.
     """
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    with stoppable_thread_pool(threads) as pool:
         return dict(zip(paths, pool.map(_readable_sha1, paths)))
 
 
@@ -318,7 +317,7 @@ def _matches_row(path: Path, row: PlannedFile) -> bool:
 
 def _map(function, items: Sequence, threads: int = 4) -> list:
     # the checks below are disk-bound (stat, SHA-1): threads overlap them on large datasets
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    with stoppable_thread_pool(threads) as pool:
         return list(pool.map(function, items))
 
 
