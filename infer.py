@@ -32,7 +32,7 @@ from inference.options import resolve_min_confidence as shared_resolve_min_confi
 from utils.cli import run_cli
 from utils.errors import UsageError
 from utils.files import check_output_dir
-from utils.memory import keep_freed_memory
+from utils.memory import keep_freed_memory, let_waiting_threads_sleep
 
 if TYPE_CHECKING:
     import numpy as np
@@ -405,4 +405,5 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 if __name__ == "__main__":
     warnings.formatwarning = _one_line_warning  # library warnings as one line, like our errors
     keep_freed_memory()  # glibc keeps the memory a batch frees for the next one (utils/memory.py)
+    let_waiting_threads_sleep()  # the decode threads and the forward pass share the cores
     run_cli(main, skip_teardown=True)

@@ -6,16 +6,13 @@
 The window lives in ui_classification/ (see README "Desktop viewer").
 """
 
-import os
 import sys
 
 from ui_classification.app import main
 from utils.cli import run_cli
-from utils.memory import keep_freed_memory
+from utils.memory import keep_freed_memory, let_waiting_threads_sleep
 
 if __name__ == "__main__":
     keep_freed_memory()  # glibc keeps the memory a batch frees for the next one (utils/memory.py)
-    # Before torch loads OpenMP: its threads sleep when they wait instead of spinning, so the window's
-    # thread and the classification share every core (docs/viewer.md "Responsiveness"). A user's own value stands.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    let_waiting_threads_sleep()  # the window's thread and the classification share every core
     run_cli(lambda: sys.exit(main()))

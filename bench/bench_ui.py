@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as runui.py sets it, before torch loads OpenMP
+from utils.memory import let_waiting_threads_sleep  # noqa: E402
+
+let_waiting_threads_sleep()  # as runui.py does, before torch loads OpenMP
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

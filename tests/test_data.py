@@ -377,12 +377,11 @@ def test_a_stopped_file_pool_drops_the_files_not_started():
             done.append(item)
         return item
 
-    with pytest.raises(KeyboardInterrupt):
-        with stoppable_thread_pool(2) as pool:
-            results = pool.map(slow, range(300))  # held, as a progress bar holds it: not closed by the raise
-            for result in results:
-                if result == 3:
-                    raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), stoppable_thread_pool(2) as pool:
+        results = pool.map(slow, range(300))  # held, as a progress bar holds it: not closed by the raise
+        for result in results:
+            if result == 3:
+                raise KeyboardInterrupt
     assert 4 <= len(done) < 20, len(done)
     with stoppable_thread_pool(2) as pool:  # run to the end, it is a plain pool
         assert list(pool.map(slow, range(50))) == list(range(50))

@@ -67,3 +67,24 @@ def test_a_user_setting_of_glibc_malloc_is_left_alone():
 
     env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "131072"}  # glibc's default value, set by hand
     assert forward_faults("user_tuned", env) > 1000  # keep_freed_memory refused; the faults stay
+
+
+@pytest.mark.parametrize("script", ["infer.py", "runui.py"])
+def test_the_predicting_scripts_let_waiting_openmp_threads_sleep_unless_the_user_chose(script, tmp_path):
+    """infer.py and the viewer set OMP_WAIT_POLICY=PASSIVE before torch loads; a user's value stands."""
+    import os
+
+    probe = tmp_path / "probe.py"  # runs the script's __main__ block with run_cli replaced by a report
+    probe.write_text(textwrap.dedent(f"""
+        import os, runpy, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import utils.cli
+        utils.cli.run_cli = lambda *args, **kwargs: print(os.environ.get("OMP_WAIT_POLICY"), "torch" in sys.modules)
+        runpy.run_path({str(REPO / script)!r}, run_name="__main__")
+    """), encoding="utf-8")
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    ran = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, env=env, timeout=120)
+    assert ran.stdout.split() == ["PASSIVE", "False"], ran.stderr  # set, and torch not loaded yet
+    ran = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=120,
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert ran.stdout.split()[0] == "ACTIVE", ran.stderr

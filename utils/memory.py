@@ -52,3 +52,16 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return all(mallopt(parameter, value) == 1 for parameter, value in (
         (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TOP_PAD, TOP_PAD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
+
+
+def let_waiting_threads_sleep() -> None:
+    """Before torch loads OpenMP: its threads sleep while they wait instead of spinning.
+
+    For the scripts where other threads share the cores with the forward pass: runui.py (the
+    window's thread, docs/viewer.md "Responsiveness") and infer.py (the decode threads). A spinning
+    OpenMP thread holds a core that the decoding needs. Measured on 2 cores (bench/RESULTS.md):
+    infer.py predicted 600 photos in 1.79 s against 1.93 s (medians of 5 alternated runs), the
+    same on small JPEGs; training, whose decoding runs in other processes, ran 5% slower, so
+    train.py leaves the default. A value the user set stands.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
